@@ -1,0 +1,322 @@
+"""The pruning-aware engine: prefill with pruning stages, then a KV-cached decode loop.
+
+It owns the layer loop and nothing else: the model's own embedding, vision tower, projector,
+decoder layers (SDPA), norm, rotary embedding and lm_head do all the maths. The engine decides
+which tokens enter each layer.
+
+    image -> vision tower -> projector -> [pre-LLM stage] -> layers 0..L-1 -> [stage at L] -> ...
+          -> norm -> lm_head -> first token -> decode steps (per-layer-group KV lengths)
+
+Layers between two stages form a *group*: they saw the same tokens, so they share one padding
+mask and one set of position ids, and their KV caches have the same length. Decoding appends a
+token to every group, each with its own next position id.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from prunebench.adapters import adapter_for
+from prunebench.budget import Budget, BudgetError
+from prunebench.method import PRE_LLM, Method, MethodError, Stage
+from prunebench.sequence import TokenLayout, normalise_keep
+from prunebench.signals import StageContext
+from prunebench.timing import StageClock
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    eos_token_id: int | list[int] | None = None
+    stop: tuple[str, ...] = ()  # stop strings: generation ends and the text is cut before them
+
+
+@dataclass
+class Group:
+    """Consecutive decoder layers that saw the same token layout."""
+
+    first_layer: int
+    valid: torch.Tensor  # (B, S_g) bool, grows by one column per decode step
+    next_position: torch.Tensor  # (B,) position id of the next token in this group
+    padded: bool  # some sample has padding: masks are needed (else SDPA runs unmasked/causal)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per sample, up to and including EOS
+    texts: list[str] | None  # decoded answers (stop strings cut), when a tokenizer was given
+    visual_tokens: torch.Tensor  # (B, L) visual tokens entering each decoder layer
+    kept_patches: list[list[int]]  # original patch ids of the visual tokens the last layer saw
+    timings: dict[str, float]  # ms per stage: vision, pruner, prefill, decode
+    logits: list[torch.Tensor] = field(default_factory=list)  # (B, V) per step, when asked
+
+    @property
+    def equivalent_tokens(self) -> torch.Tensor:
+        """``(B,)`` layer-averaged visual tokens: the honest budget of a multi-stage method."""
+        return self.visual_tokens.float().mean(-1)
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # (B, V) next-token logits at the end of the prompt
+    cache: DynamicCache
+    groups: list[Group]
+    group_of_layer: list[int]
+    layout: TokenLayout
+    visual_tokens: torch.Tensor
+
+
+class PruningEngine:
+    def __init__(self, model: nn.Module, tokenizer=None):
+        self.model = model.eval()
+        self.adapter = adapter_for(model)
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- public API -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        method: Method | None = None,
+        budget: Budget | str | int = "all",
+        decode: DecodeConfig | None = None,
+        return_logits: bool = False,
+        clock: StageClock | None = None,
+    ) -> Generation:
+        decode = decode or DecodeConfig()
+        clock = clock or StageClock(self.device)
+        state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock)
+        tokens, logits = self._decode(state, decode, clock, return_logits)
+        texts = self._texts(tokens, decode.stop) if self.tokenizer is not None else None
+        kept = [row[row >= 0].tolist() for row in state.layout.visual_id]
+        return Generation(
+            tokens=tokens,
+            texts=texts,
+            visual_tokens=state.visual_tokens,
+            kept_patches=kept,
+            timings=clock.summary(),
+            logits=logits,
+        )
+
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        method: Method | None,
+        budget: Budget,
+        clock: StageClock,
+    ) -> Prefill:
+        adapter = self.adapter
+        layout = TokenLayout.from_inputs(attention_mask, input_ids == adapter.image_token_id)
+        stages = self._schedule(method, budget, layout.n_visual)
+
+        with clock("vision"):
+            vision = adapter.encode_images(pixel_values)
+            image_embeds = adapter.project(vision.features)
+        hidden = adapter.embed(input_ids)
+        self._check_image_tokens(layout, image_embeds)
+        hidden = hidden.masked_scatter(layout.visual[..., None], image_embeds.to(hidden.dtype))
+
+        cache = DynamicCache(config=adapter.decoder.config)
+        sample_keys = [zlib.crc32(ids[keep].cpu().numpy().tobytes()) for ids, keep in zip(input_ids, layout.valid)]
+        num_layers = adapter.num_layers
+        visual_tokens = torch.zeros(len(layout.n_visual), num_layers, dtype=torch.long, device=self.device)
+        groups: list[Group] = []
+        group_of_layer: list[int] = []
+        pending = list(stages)
+        layer_inputs: dict[int, torch.Tensor] = {}
+        new_group = True
+
+        for index in range(-1, num_layers):
+            at = PRE_LLM if index < 0 else index
+            if pending and pending[0][0].layer == at:
+                stage_rows = pending.pop(0)
+                with clock("pruner"):
+                    ctx = StageContext(
+                        stage=stage_rows[0],
+                        keep=[s.keep for s in stage_rows],
+                        adapter=adapter,
+                        vision=vision,
+                        image_embeds=image_embeds,
+                        layout=layout,
+                        hidden=hidden,
+                        layer_inputs=layer_inputs,
+                        cache=cache,
+                        sample_keys=sample_keys,
+                        seed=getattr(method, "seed", 0),
+                    )
+                    selection = method.select(ctx)
+                    keep = normalise_keep(selection.keep, layout.n_visual, ctx.keep, method.name)
+                    layout, hidden = layout.prune(hidden, keep, selection.merged, method.positions)
+                new_group = True
+            if index < 0:
+                continue
+            with clock("prefill"):
+                if new_group:
+                    group = Group(index, layout.valid.clone(), _next_position(layout), padded=not bool(layout.valid.all()))
+                    groups.append(group)
+                    mask = _prefill_mask(layout.valid) if group.padded else None
+                    position_embeddings = adapter.decoder.rotary_emb(hidden, layout.positions)
+                    n_visual = layout.visual.sum(-1)
+                    new_group = False
+                group_of_layer.append(len(groups) - 1)
+                visual_tokens[:, index] = n_visual
+                layer_inputs = {index: hidden}  # the input of the layer just run stays reachable
+                hidden = adapter.layers[index](
+                    hidden,
+                    attention_mask=mask,
+                    position_embeddings=position_embeddings,
+                    position_ids=layout.positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+        with clock("prefill"):
+            logits = adapter.lm_head(adapter.decoder.norm(hidden[:, -1:]))[:, -1]
+        return Prefill(logits, cache, groups, group_of_layer, layout, visual_tokens.cpu())
+
+    # -- decode -----------------------------------------------------------------------------
+    def _decode(self, state: Prefill, cfg: DecodeConfig, clock: StageClock, keep_logits: bool):
+        adapter = self.adapter
+        batch = state.logits.shape[0]
+        eos = _as_set(cfg.eos_token_id)
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        done = torch.zeros(batch, dtype=torch.bool)
+        logits = state.logits
+        kept_logits = []
+        for step in range(cfg.max_new_tokens):
+            if keep_logits:
+                kept_logits.append(logits.float().cpu())
+            next_token = _pick(logits, cfg, generator)
+            for b, tok in enumerate(next_token.tolist()):
+                if not done[b]:
+                    tokens[b].append(tok)
+                    done[b] = tok in eos or self._hit_stop(tokens[b], cfg.stop)
+            if bool(done.all()) or step == cfg.max_new_tokens - 1:
+                break
+            with clock("decode"):
+                logits = self._decode_step(state, next_token)
+        return tokens, kept_logits
+
+    def _decode_step(self, state: Prefill, token: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapter
+        hidden = adapter.embed(token[:, None])
+        masks, rotary = [], []
+        for group in state.groups:
+            group.valid = torch.cat([group.valid, group.valid.new_ones(len(token), 1)], dim=1)
+            masks.append(group.valid[:, None, None, :] if group.padded else None)
+            rotary.append(adapter.decoder.rotary_emb(hidden, group.next_position[:, None]))
+            group.next_position = group.next_position + 1
+        for index, layer in enumerate(adapter.layers):
+            g = state.group_of_layer[index]
+            hidden = layer(
+                hidden,
+                attention_mask=masks[g],
+                position_embeddings=rotary[g],
+                position_ids=state.groups[g].next_position[:, None] - 1,
+                past_key_values=state.cache,
+                use_cache=True,
+            )
+        return adapter.lm_head(adapter.decoder.norm(hidden))[:, -1]
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _schedule(self, method: Method | None, budget: Budget, n_visual: list[int]) -> list[list[Stage]]:
+        """Per-stage rows of per-sample stages, validated against the model."""
+        if method is None or budget.is_all and method.stage == "none":
+            return []
+        per_sample = []
+        for n in n_visual:
+            try:
+                per_sample.append(method.schedule(n, budget))
+            except BudgetError as err:
+                raise BudgetError(f"method {method.name!r}: {err}") from None
+        layers = {tuple(s.layer for s in stages) for stages in per_sample}
+        if len(layers) != 1:
+            raise MethodError(f"method {method.name!r} scheduled different layers per sample: {layers}")
+        (stage_layers,) = layers
+        order = [-1 if layer is None else layer for layer in stage_layers]
+        if order != sorted(set(order)):
+            raise MethodError(f"method {method.name!r}: stage layers must be strictly increasing, got {stage_layers}")
+        if order and order[-1] >= self.adapter.num_layers:
+            raise MethodError(
+                f"method {method.name!r} prunes at layer {order[-1]}, but the model has "
+                f"{self.adapter.num_layers} decoder layers (valid: 0..{self.adapter.num_layers - 1})"
+            )
+        for n, stages in zip(n_visual, per_sample):
+            counts = [n] + [s.keep for s in stages]
+            if any(k < 1 for k in counts[1:]) or any(a < b for a, b in zip(counts, counts[1:])):
+                raise MethodError(f"method {method.name!r}: schedule {stages} for {n} tokens must keep 1..{n}, non-increasing")
+        return [list(row) for row in zip(*per_sample)]
+
+    def _check_image_tokens(self, layout: TokenLayout, image_embeds: torch.Tensor) -> None:
+        counts = layout.n_visual
+        if any(c != image_embeds.shape[1] for c in counts) or len(counts) != image_embeds.shape[0]:
+            raise ValueError(
+                f"each prompt needs exactly one image of {image_embeds.shape[1]} tokens; got image-token "
+                f"counts {counts} for {image_embeds.shape[0]} images (multi-image prompts are not supported yet)"
+            )
+
+    def _hit_stop(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
+        if not stop or self.tokenizer is None:
+            return False
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    def _texts(self, tokens: list[list[int]], stop: tuple[str, ...]) -> list[str]:
+        texts = []
+        for row in tokens:
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            for s in stop:
+                text = text.split(s, 1)[0]
+            texts.append(text.strip())
+        return texts
+
+
+def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Causal mask over real keys, (B, 1, S, S) bool; padding queries attend to themselves."""
+    seq = valid.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(seq, dtype=torch.bool, device=valid.device)
+    return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
+
+
+def _next_position(layout: TokenLayout) -> torch.Tensor:
+    return layout.positions.masked_fill(~layout.valid, -1).max(-1).values + 1
+
+
+def _as_set(eos: int | list[int] | None) -> set[int]:
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def _pick(logits: torch.Tensor, cfg: DecodeConfig, generator: torch.Generator) -> torch.Tensor:
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(cfg.temperature, 1e-5)
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > cfg.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).flatten()

@@ -1,0 +1,169 @@
+"""Loading models: hub ids and local paths, and tiny random LLaVAs built entirely in code.
+
+``random:tiny-llava`` is a LLaVA-1.5-shaped model (CLIP at 336 px / patch 14 = 576 visual tokens,
+MLP projector, Llama decoder with grouped-query attention) at toy width, with random weights and
+a word-level tokenizer made in code: it needs no download, so tests and demos run anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+WORDS = (
+    "USER ASSISTANT : . , ? ! ' a an the is are of in on to and or what which where how many "
+    "color colour shape left right top bottom above below next there yes no red green blue yellow "
+    "purple orange black white gray pink brown circle square triangle star cross object objects "
+    "image picture word number text written read say does do any count answer question with "
+    "single one two three four five six seven eight nine ten zero describe this that it "
+    "small large big tiny please short phrase"
+).split()
+CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789")
+PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a fixed vocabulary (no files, no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab: dict[str, int] = {}
+    for token in SPECIAL_TOKENS + WORDS + CHARACTERS:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TinyLlavaSpec:
+    vision_width: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    image_size: int = 336
+    patch_size: int = 14
+    text_width: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    kv_heads: int = 2  # grouped-query attention, so the engine's GQA path is exercised
+    text_mlp: int = 128
+
+
+def tiny_llava_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_width,
+        intermediate_size=spec.vision_width * 4,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_width,
+    )
+    text = LlamaConfig(
+        hidden_size=spec.text_width,
+        intermediate_size=spec.text_mlp,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, spec: TinyLlavaSpec) -> LlavaProcessor:
+    size = spec.image_size
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+
+
+def build_tiny_llava(spec: TinyLlavaSpec | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A random-weight tiny LLaVA with its processor; deterministic for a given seed."""
+    spec = spec or TinyLlavaSpec()
+    tokenizer = build_tokenizer()
+    config = tiny_llava_config(spec, tokenizer)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(torch.float32)
+    model.set_attn_implementation(attn_implementation)
+    # widen the random init a little so different inputs give different greedy answers
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in name:
+                param.normal_(0.0, 1.5 / param.shape[1] ** 0.5)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), build_processor(tokenizer, spec)
+
+
+BUILTIN_RANDOM = {"random:tiny-llava": TinyLlavaSpec()}
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
+    """(model, processor) for ``random:tiny-llava``, a hub id, or a local directory."""
+    torch_dtype = _dtype(dtype)
+    if name in BUILTIN_RANDOM:
+        model, processor = build_tiny_llava(BUILTIN_RANDOM[name])
+        return model.to(device=device, dtype=torch_dtype), processor
+    if name.startswith("random:"):
+        raise ValueError(f"unknown random model {name!r}; valid choices: {', '.join(BUILTIN_RANDOM)}")
+    kwargs = {"local_files_only": True}
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
+        processor = LlavaProcessor.from_pretrained(name, **kwargs)
+    except OSError as err:
+        where = "local directory" if os.path.isdir(name) else "hub id"
+        raise FileNotFoundError(
+            f"cannot load {where} {name!r}: it is not in the local cache ({err.__class__.__name__}). prunebench "
+            f"loads weights from local files only: download it first (`hf download {name}`) into "
+            f"HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}, or pass a local directory."
+        ) from None
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    processor.tokenizer.padding_side = "left"
+    return model.to(device).eval(), processor
+
+
+def _dtype(name: str) -> torch.dtype:
+    choices = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in choices:
+        raise ValueError(f"unknown dtype {name!r}; valid choices: {', '.join(choices)}")
+    return choices[name]

@@ -47,6 +47,11 @@ class LlavaAdapter:
         return self.decoder.layers
 
     @property
+    def vision_layers(self) -> nn.ModuleList:
+        # transformers 5 flattened CLIPVisionModel; older releases nest it under .vision_model
+        return getattr(self.vision_tower, "vision_model", self.vision_tower).encoder.layers
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 
@@ -69,7 +74,7 @@ class LlavaAdapter:
 
         ``rows``: query indices (default: all). Returns ``(B, H, R, T)`` over all T tokens.
         """
-        layers = self.vision_tower.vision_model.encoder.layers
+        layers = self.vision_layers
         block = layers[layer]
         hidden = block.layer_norm1(vision.hidden_states[layer % len(layers)])
         attn = block.self_attn
@@ -81,7 +86,7 @@ class LlavaAdapter:
 
     def vision_keys(self, vision: VisionOutput, layer: int) -> torch.Tensor:
         """Keys of vision encoder layer ``layer``, ``(B, H, T, d)``."""
-        layers = self.vision_tower.vision_model.encoder.layers
+        layers = self.vision_layers
         block = layers[layer]
         attn = block.self_attn
         return _heads(attn.k_proj(block.layer_norm1(vision.hidden_states[layer % len(layers)])), attn.head_dim)

@@ -157,7 +157,7 @@ class PruningEngine:
                         image_embeds=image_embeds,
                         layout=layout,
                         hidden=hidden,
-                        layer_inputs=layer_inputs,
+                        layer_inputs={**layer_inputs, index: hidden} if index >= 0 else {},
                         cache=cache,
                         sample_keys=sample_keys,
                         seed=getattr(method, "seed", 0),

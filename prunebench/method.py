@@ -113,7 +113,7 @@ ENTRY_POINT_GROUP = "prunebench.methods"
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` creatable by ``cls.name``."""
-    if not dataclasses.is_dataclass(cls):
+    if "__dataclass_fields__" not in vars(cls):  # decorated itself, not just inheriting
         raise TypeError(f"{cls.__name__} must be a dataclass (its fields are its options)")
     name = getattr(cls, "name", None)
     if not name or not isinstance(name, str):

@@ -1,0 +1,145 @@
+"""Pruning equals the slow obvious computation, and signals equal eager attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import helpers_methods  # noqa: F401
+from conftest import run, single
+from helpers_methods import Probe, pattern
+from prunebench.method import create_method
+from prunebench.models import build_tiny_llava
+
+STEPS = 5
+
+
+def slow_reference(model, inputs, stages, policy, steps=STEPS):
+    """Greedy decoding with no KV cache, one prompt: every step re-runs the whole sequence,
+    dropping visual tokens before the stage layers. ``stages``: [(layer or -1, kept indices into
+    the visual tokens still present)]."""
+    inner = model.model
+    lm = inner.language_model
+    ids = inputs["input_ids"][0]
+    feats = inner.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
+                                     vision_feature_select_strategy="default").pooler_output[0]
+    prompt = lm.embed_tokens(ids)
+    prompt[ids == model.config.image_token_id] = feats
+    is_visual = ids == model.config.image_token_id
+    generated, all_logits = [], []
+    for _ in range(steps):
+        extra = lm.embed_tokens(torch.tensor(generated, dtype=torch.long))
+        hidden = torch.cat([prompt, extra])[None]
+        visual = torch.cat([is_visual, torch.zeros(len(generated), dtype=torch.bool)])
+        positions = torch.arange(hidden.shape[1])
+        todo = list(stages)
+        for layer_index in range(-1, len(lm.layers)):
+            if todo and todo[0][0] == layer_index:
+                _, kept = todo.pop(0)
+                slots = visual.nonzero().flatten()
+                keep = ~visual
+                keep[slots[kept]] = True
+                hidden, visual, positions = hidden[:, keep], visual[keep], positions[keep]
+                if policy == "reindex":
+                    positions = torch.arange(hidden.shape[1])
+            if layer_index < 0:
+                continue
+            rotary = lm.rotary_emb(hidden, positions[None])
+            hidden = lm.layers[layer_index](hidden, attention_mask=None, position_embeddings=rotary)
+        logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
+        all_logits.append(logits)
+        generated.append(int(logits.argmax()))
+    return generated, torch.stack(all_logits)
+
+
+@pytest.mark.parametrize("layer", [-1, 0, 1, 2, 3])
+@pytest.mark.parametrize("positions", ["original", "reindex"])
+def test_single_stage_equals_slow_reference(tiny, engine, batch, layer, positions):
+    model, processor = tiny
+    k = 64
+    gen = run(engine, batch, create_method(f"test-strided:layer={layer},offset=5", positions=positions), budget=k,
+              max_new_tokens=STEPS)
+    for b in range(3):
+        tokens, logits = slow_reference(model, single(processor, b), [(layer, pattern(576, k, 5))], positions)
+        assert gen.tokens[b] == tokens
+        torch.testing.assert_close(torch.stack([step[b] for step in gen.logits]), logits, atol=1e-4, rtol=0)
+    expected = [576] * max(layer, 0) + [k] * (4 - max(layer, 0))
+    assert gen.visual_tokens.tolist() == [expected] * 3
+
+
+@pytest.mark.parametrize("positions", ["original", "reindex"])
+def test_two_stages_equal_slow_reference(tiny, engine, batch, positions):
+    model, processor = tiny
+    gen = run(engine, batch, create_method("test-twostage", positions=positions), budget=96, max_new_tokens=STEPS)
+    stages = [(1, pattern(576, 96)), (3, pattern(96, 48))]
+    for b in range(3):
+        tokens, logits = slow_reference(model, single(processor, b), stages, positions)
+        assert gen.tokens[b] == tokens
+        torch.testing.assert_close(torch.stack([step[b] for step in gen.logits]), logits, atol=1e-4, rtol=0)
+    assert gen.visual_tokens.tolist() == [[576, 96, 96, 48]] * 3
+    assert gen.equivalent_tokens.tolist() == [pytest.approx((576 + 96 + 96 + 48) / 4)] * 3
+    assert all(len(p) == 48 for p in gen.kept_patches)
+
+
+def test_merged_tokens_enter_after_the_kept_ones(tiny, engine, batch):
+    """A merged token is one more visual token: same answers as feeding it by hand."""
+    model, processor = tiny
+    gen = run(engine, batch, create_method("test-merge"), budget=65, max_new_tokens=STEPS)
+    assert gen.visual_tokens.tolist() == [[65] * 4] * 3
+    assert all(len(p) == 64 for p in gen.kept_patches)  # the merged token has no patch id
+    for b in range(3):
+        alone = run(engine, single(processor, b), create_method("test-merge"), budget=65, max_new_tokens=STEPS)
+        assert alone.tokens[0] == gen.tokens[b]
+
+
+@pytest.fixture(scope="module")
+def eager_outputs(batch):
+    """The same tiny model under eager attention, with every attention map returned."""
+    eager, _ = build_tiny_llava(seed=0, attn_implementation="eager")
+    with torch.no_grad():
+        lm = eager(**batch, output_attentions=True)
+        vision = eager.model.vision_tower(batch["pixel_values"], output_attentions=True)
+    return lm.attentions, vision.attentions
+
+
+@pytest.mark.parametrize("stage_layer", [1, 2, 3])
+def test_single_row_attention_equals_eager(engine, batch, eager_outputs, stage_layer):
+    attentions, _ = eager_outputs
+    text_rows = torch.tensor([[590, 585, 591]] * 3)  # text slots at the end of every prompt
+
+    def hook(ctx):
+        out = {}
+        for layer in (stage_layer - 1, stage_layer):
+            out[layer] = (
+                ctx.attention(layer, rows="last", visual_only=False),
+                ctx.attention(layer, rows=text_rows, visual_only=False),
+                ctx.attention(layer, rows="last", visual_only=True),
+                ctx.visual_index.clone(),
+            )
+        return out
+
+    Probe.hook, Probe.seen = hook, []
+    run(engine, batch, create_method(f"test-probe:layer={stage_layer}"), max_new_tokens=1)
+    (seen,) = Probe.seen
+    for layer, (last, rows, visual, index) in seen.items():
+        eager = attentions[layer].float()
+        torch.testing.assert_close(last, eager[:, :, -1:], atol=1e-5, rtol=0)
+        expected_rows = torch.stack([eager[b][:, text_rows[b]] for b in range(3)])
+        torch.testing.assert_close(rows, expected_rows, atol=1e-5, rtol=0)
+        expected_visual = torch.stack([eager[b, :, -1:, index[b]] for b in range(3)])
+        torch.testing.assert_close(visual, expected_visual, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [0, -2, -1])
+def test_cls_attention_equals_eager(engine, batch, eager_outputs, layer):
+    _, vision_attentions = eager_outputs
+    Probe.hook, Probe.seen = (lambda ctx: ctx.cls_attention(layer)), []
+    run(engine, batch, create_method("test-probe:layer=-1"), max_new_tokens=1)
+    (cls,) = Probe.seen
+    torch.testing.assert_close(cls, vision_attentions[layer][:, :, 0, 1:].float(), atol=1e-5, rtol=0)
+
+
+def test_attention_of_an_unreachable_layer_is_a_clear_error(engine, batch):
+    Probe.hook, Probe.seen = (lambda ctx: ctx.attention(0)), []
+    with pytest.raises(ValueError, match="available layers: \\[2\\]|available layers"):
+        run(engine, batch, create_method("test-probe:layer=3"), max_new_tokens=1)

@@ -143,6 +143,7 @@ class PruningEngine:
         pending = list(stages)
         layer_inputs: dict[int, torch.Tensor] = {}
         new_group = True
+        method_state: dict = {}
 
         for index in range(-1, num_layers):
             at = PRE_LLM if index < 0 else index
@@ -161,6 +162,7 @@ class PruningEngine:
                         cache=cache,
                         sample_keys=sample_keys,
                         seed=getattr(method, "seed", 0),
+                        state=method_state,
                     )
                     selection = method.select(ctx)
                     keep = normalise_keep(selection.keep, layout.n_visual, ctx.keep, method.name)

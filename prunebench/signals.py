@@ -39,12 +39,14 @@ class StageContext:
         cache,
         sample_keys: list[int],
         seed: int,
+        state: dict,
     ):
         self.stage = stage
         self.layer = stage.layer
         self.keep = keep
         self.layout = layout
         self.hidden = hidden  # (B, S, D): embeddings before the LLM, else the input of `layer`
+        self.state = state  # shared by the stages of one prefill: a multi-stage method's memory
         self._sample_keys = sample_keys
         self._seed = seed
         self._adapter = adapter
@@ -122,6 +124,11 @@ class StageContext:
     def image_embeds(self) -> torch.Tensor:
         """``(B, N, D)`` projector output, all original patches."""
         return self._image_embeds
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's projector: vision features ``(B, M, d_v)`` -> LLM tokens ``(B, M, D)``
+        (for methods that merge before the projector and hand back ``Selection.merged``)."""
+        return self._adapter.project(features)
 
     def vision_hidden(self, layer: int) -> torch.Tensor:
         """``(B, T, d_v)`` vision tower hidden states entering encoder layer ``layer``."""

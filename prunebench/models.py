@@ -134,7 +134,13 @@ def build_tiny_llava(spec: TinyLlavaSpec | None = None, seed: int = 0, attn_impl
     return model.eval(), build_processor(tokenizer, spec)
 
 
-BUILTIN_RANDOM = {"random:tiny-llava": TinyLlavaSpec()}
+# A mid-size stand-in for CPU measurements: LLaVA-1.5's token geometry (576 visual tokens) with
+# an 8-layer, 1024-wide decoder (MHA, Llama MLP ratio), so prefill costs are dominated by the LLM.
+MIDSIZE = TinyLlavaSpec(
+    vision_width=256, vision_layers=4, vision_heads=4, text_width=1024, text_layers=8, text_heads=16,
+    kv_heads=16, text_mlp=2816,
+)
+BUILTIN_RANDOM = {"random:tiny-llava": TinyLlavaSpec(), "random:mid-llava": MIDSIZE}
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "float32"):

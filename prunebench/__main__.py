@@ -1,0 +1,5 @@
+import sys
+
+from prunebench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""`prunebench` command line: one subcommand per module, imported only when used.
+
+Each subcommand module defines ``add_arguments(parser)`` and ``main(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). A module that does not exist yet is reported as not built.
+SUBCOMMANDS = {
+    "run": ("prunebench.harness", "evaluate methods x budgets x tasks through lmms-eval"),
+    "list": ("prunebench.listing", "list methods (with stage and options), tasks and models"),
+    "profile": ("prunebench.profiler", "time vision / pruner / prefill / decode, TFLOPs, KV cache"),
+    "report": ("prunebench.report", "accuracy-retention and speed tables (md, latex, csv) and plots"),
+    "train": ("prunebench.train", "train a learned selector (autoselect, gumbel)"),
+}
+
+
+def _load(name: str):
+    module_name, _ = SUBCOMMANDS[name]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunebench",
+        description="Benchmark visual-token pruning methods for VLMs under one engine, one protocol, one timer.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module = _load(name)
+        if module is not None:
+            module.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = _load(args.command)
+    if module is None:
+        print(f"prunebench {args.command}: not built yet (planned: {SUBCOMMANDS[args.command][1]}).", file=sys.stderr)
+        return 2
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished results are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`prunebench list`: every method with its stage, options and defaults; models; tasks."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from prunebench.method import available_methods
+from prunebench.models import BUILTIN_RANDOM
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", nargs="?", default="methods", choices=["methods", "models", "all"],
+                        help="what to list (default: methods)")
+
+
+def method_table() -> Table:
+    table = Table(title="methods", show_lines=False)
+    table.add_column("name", style="bold")
+    table.add_column("stage")
+    table.add_column("options (defaults)")
+    table.add_column("description")
+    stages = {"pre": "pre-LLM", "llm": "in-LLM", "none": "-"}
+    for name, cls in available_methods().items():
+        options = ", ".join(f"{f.name}={_show(f.default)}" for f in cls.options())
+        table.add_row(name, stages[cls.stage], options, cls.summary())
+    return table
+
+
+def model_table() -> Table:
+    table = Table(title="models")
+    table.add_column("name", style="bold")
+    table.add_column("what")
+    for name in BUILTIN_RANDOM:
+        table.add_row(name, "LLaVA-1.5 geometry at toy width, random weights, built in code")
+    table.add_row("<hub id | local dir>", "any LlavaForConditionalGeneration checkpoint in the local HF cache")
+    return table
+
+
+def main(args: argparse.Namespace) -> int:
+    console = Console()
+    if args.what in ("methods", "all"):
+        console.print(method_table())
+    if args.what in ("models", "all"):
+        console.print(model_table())
+    return 0
+
+
+def _show(value) -> str:
+    return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)

@@ -114,6 +114,34 @@ class PruningEngine:
             logits=logits,
         )
 
+    @torch.inference_mode()
+    def score_continuation(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        target: torch.Tensor,
+        method: Method | None = None,
+        budget: Budget | str | int = "all",
+        clock: StageClock | None = None,
+    ) -> tuple[torch.Tensor, bool, torch.Tensor]:
+        """Log-probabilities of ``target`` (1-D ids) after the prompt, teacher-forced through the
+        same pruned prefill and KV cache as generation (pruning sees the prompt only, never the
+        answer). One prompt. Returns (per-token logprobs, whether greedy decoding gives target,
+        visual tokens per layer)."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("score_continuation takes one prompt at a time")
+        clock = clock or StageClock(self.device)
+        state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock)
+        logits, logprobs, greedy = state.logits, [], True
+        for i, token in enumerate(target.tolist()):
+            logprobs.append(logits.float().log_softmax(-1)[0, token])
+            greedy = greedy and int(logits.argmax(-1)) == token
+            if i + 1 < len(target):
+                with clock("decode"):
+                    logits = self._decode_step(state, target[i : i + 1])
+        return torch.stack(logprobs), greedy, state.visual_tokens
+
     def prefill(
         self,
         input_ids: torch.Tensor,

@@ -1,0 +1,262 @@
+"""`prunebench run`: methods x budgets x tasks through lmms-eval, one record per cell, resumable.
+
+Every input is checked before any work (methods, budgets, task names, task data, results
+directory, model). The unpruned baseline runs once per (model, task) and is reused by every
+method. A finished cell is never recomputed unless ``--force``; a cell another live run is
+computing is skipped. A failing cell stops the run with its error: nothing turns into an empty
+answer, and the records already written stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+from prunebench import taskspec
+from prunebench.budget import Budget
+from prunebench.method import Method, create_method, parse_method_list
+from prunebench.results import Record, RecordKey, ResultStore
+
+DEFAULT_MODEL = "random:tiny-llava"
+DEFAULT_METHODS = "none,random"
+DEFAULT_TASKS = "shapes-pope"
+DEFAULT_BUDGETS = "192,128,64"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local dir, or built-in name (default {DEFAULT_MODEL})")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma list, options as name:key=value (default %(default)s)")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="lmms-eval task names, aliases or prunebench tasks (default %(default)s)")
+    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="visual tokens kept: counts (64) or fractions (0.25, 25%%)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each task")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default="results", help="results store directory (default %(default)s)")
+    parser.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
+                        help="run TASK on a local parquet/json/csv file, keeping its prompts and metrics")
+    parser.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: Method
+    budget: Budget
+    task: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.spec()} @ {self.budget} on {self.task}"
+
+
+def plan(methods: list[Method], budgets: list[Budget], tasks: list[str]) -> list[Cell]:
+    """Baseline first for every task, then each pruning method at each budget."""
+    baseline = create_method("none")
+    cells = [Cell(baseline, Budget.all(), task) for task in tasks]
+    for task in tasks:
+        for method in methods:
+            if method.stage != "none":
+                cells += [Cell(method, budget, task) for budget in budgets]
+    return cells
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    # our own progress bar replaces the datasets / lmms-eval tqdm bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    # 1. everything that can be checked without the model or lmms-eval
+    methods = [create_method(spec) for spec in parse_method_list(args.methods)]
+    budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
+    tasks = [taskspec.canonical(t) for t in args.tasks.split(",") if t.strip()]
+    task_data = taskspec.parse_task_data(args.task_data)
+    if args.limit is not None and args.limit <= 0:
+        raise SystemExit("--limit must be a positive number of samples")
+    if args.batch_size <= 0:
+        raise SystemExit("--batch-size must be positive")
+    store = ResultStore(args.results)
+    store.check_writable()
+    device = _device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+
+    # 2. the model (a missing checkpoint fails here, within seconds)
+    from prunebench.engine import PruningEngine
+    from prunebench.models import load_model
+
+    model, processor = load_model(args.model, device=device, dtype=dtype)
+    engine = PruningEngine(model, processor.tokenizer)
+
+    # 3. tasks (needs lmms-eval's task index)
+    taskspec.check_known(tasks)
+    for task in tasks:
+        taskspec.check_data_reachable(task, task_data.get(task))
+    cells = plan(methods, budgets, tasks)
+    provenance = _provenance(args, device, dtype)
+    finished = []
+    for cell in cells:
+        key = RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit)
+        if store.has(key) and not args.force:
+            console.print(f"[dim]cached[/]  {cell.label}")
+            finished.append(store.load(key))
+            continue
+        if not store.claim(key):
+            console.print(f"[yellow]skipped[/] {cell.label}: another run is computing it")
+            continue
+        try:
+            spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
+            record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, console)
+            store.write(record, samples)
+        finally:
+            store.release(key)
+        finished.append(record)
+        console.print(f"[green]done[/]    {cell.label}: {record.primary_metric} = {record.score:.4g}")
+    _print_table(finished)
+    return 0
+
+
+def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console):
+    """Run one cell through lmms-eval; returns its record and per-sample rows."""
+    from lmms_eval import evaluator
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from prunebench.lmms_bridge import PrunedVLM
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        bar = progress.add_task(cell.label, total=args.limit)
+        lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
+                       batch_size=args.batch_size, on_progress=lambda n: progress.advance(bar, n))
+        torch.manual_seed(args.seed)
+        out = evaluator.simple_evaluate(
+            model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.task_manager(),
+            verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed, bootstrap_iters=0,
+        )
+    (result_name,) = out["results"].keys()
+    metrics = {k.split(",")[0]: v for k, v in out["results"][result_name].items()
+               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    metric_list = out["configs"][result_name].get("metric_list") or [{}]
+    primary = metric_list[0].get("metric") or next(iter(metrics))
+    samples = [_sample(s, lm.stats.get((result_name, s["doc_id"]))) for s in out["samples"][result_name]]
+    stats = [lm.stats[k] for k in sorted(lm.stats)]
+    record = Record(
+        key=key,
+        metrics=metrics,
+        primary_metric=primary,
+        n_samples=len(samples),
+        method_options={f.name: getattr(cell.method, f.name) for f in cell.method.options()},
+        stage=cell.method.stage,
+        position_policy=cell.method.positions,
+        visual_tokens={
+            "nominal": cell.budget.tokens if cell.budget.tokens and cell.budget.tokens > 0 else None,
+            "mean_kept": mean(s.visual_tokens[-1] for s in stats),
+            "equivalent": mean(mean(s.visual_tokens) for s in stats),
+            "original": mean(s.n_visual for s in stats),
+        },
+        timing=_timing(stats),
+        provenance={**provenance, "lmms_eval_task": result_name},
+    )
+    return record, samples
+
+
+def _sample(logged: dict, stats) -> dict:
+    scores = {}
+    for name, value in logged.items():
+        if isinstance(value, dict) and isinstance(value.get("score"), (int, float)):
+            scores[name] = value["score"]
+        elif isinstance(value, (int, float)) and name not in ("doc_id",):
+            scores[name] = value
+    output = logged.get("filtered_resps") or logged.get("resps")
+    while isinstance(output, list) and output:
+        output = output[0]
+    return {
+        "doc_id": logged["doc_id"],
+        "output": output,
+        "target": logged.get("target"),
+        "scores": scores,
+        "visual_tokens": None if stats is None else stats.visual_tokens,
+    }
+
+
+def _timing(stats) -> dict[str, float]:
+    def avg(name: str) -> float:
+        return mean(s.timing.get(name, 0.0) for s in stats)
+
+    vision, pruner, prefill = avg("vision"), avg("pruner"), avg("prefill")
+    decode_steps = [max(s.new_tokens - 1, 1) for s in stats]
+    return {
+        "vision": vision,
+        "pruner": pruner,
+        "prefill": prefill,
+        "ttft": vision + pruner + prefill,
+        "decode_per_token": mean(s.timing.get("decode", 0.0) / n for s, n in zip(stats, decode_steps)),
+    }
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def _provenance(args, device: str, dtype: str) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "git_commit": _git_commit(),
+        "versions": {p: version(p) for p in ("prunebench", "torch", "transformers", "lmms_eval")},
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine()),
+        "dtype": dtype,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "command": " ".join(sys.argv),
+        "host": socket.gethostname(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _print_table(records: list[Record]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="accuracy (primary metric)")
+    tasks = sorted({r.key.task for r in records})
+    table.add_column("method")
+    table.add_column("budget")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for r in records:
+        rows.setdefault((r.key.method, r.key.budget), {})[r.key.task] = f"{r.score:.4g}" if r.score is not None else "–"
+    for (method, budget), cells in rows.items():
+        table.add_row(method, budget, *(cells.get(t, "–") for t in tasks))
+    Console().print(table)

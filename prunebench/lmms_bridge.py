@@ -1,0 +1,167 @@
+"""The lmms-eval model: one (method, budget) on the pruning engine, as lmms-eval's ``lmms``.
+
+lmms-eval 0.7.3 does not find a class by ``@register_model`` alone, so the harness passes a
+constructed object to ``simple_evaluate(model=...)``. Unlike lmms-eval's own llava_hf wrapper,
+an exception is never turned into an empty answer: it propagates and the cell fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+
+from prunebench.budget import Budget
+from prunebench.engine import DecodeConfig, PruningEngine
+from prunebench.method import Method
+from prunebench.timing import StageClock
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class SampleStats:
+    """What the engine measured for one sample (timings are the batch's, divided by its size)."""
+
+    n_visual: int  # visual tokens of the image before pruning
+    visual_tokens: list[int]  # entering each decoder layer
+    new_tokens: int
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+class PrunedVLM(lmms):
+    def __init__(
+        self,
+        engine: PruningEngine,
+        processor,
+        method: Method | None,
+        budget: Budget,
+        batch_size: int = 1,
+        on_progress: Callable[[int], None] | None = None,
+    ):
+        super().__init__()
+        self.engine = engine
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.method = method
+        self.budget = budget
+        self.batch_size = batch_size
+        self.on_progress = on_progress or (lambda n: None)
+        self.stats: dict[tuple[str, int], SampleStats] = {}
+
+    # -- lmms-eval entry points ---------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
+        for indices in groups.values():
+            # similar lengths together: less padding (answers do not depend on the batch)
+            indices.sort(key=lambda i: len(requests[i].args[0]))
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                texts = self._generate([requests[i] for i in chunk])
+                for i, text in zip(chunk, texts):
+                    answers[i] = text
+                self.on_progress(len(chunk))
+        return answers
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        out = []
+        for request in requests:
+            context, continuation, doc_to_visual, doc_id, task, split = request.args
+            doc = self.task_dict[task][split][doc_id]
+            if callable(continuation):
+                continuation = continuation(doc)
+            out.append(self._loglikelihood(context, str(continuation), self._image(doc_to_visual, doc, task), task, doc_id))
+            self.on_progress(1)
+        return out
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("prunebench does not run multi-round tasks yet; choose a single-turn task")
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _generate(self, requests: list[Instance]) -> list[str]:
+        contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*(r.args for r in requests))
+        images = [
+            self._image(fn, self.task_dict[task][split][doc_id], task)
+            for fn, doc_id, task, split in zip(doc_to_visual, doc_ids, tasks, splits)
+        ]
+        inputs = self._encode([self._prompt(c) for c in contexts], images)
+        decode = self._decode_config(dict(gen_kwargs[0]))
+        clock = StageClock(self.engine.device)
+        gen = self.engine.generate(
+            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+            method=self.method, budget=self.budget, decode=decode, clock=clock,
+        )
+        self._record(inputs, gen.timings, gen.visual_tokens, [len(t) for t in gen.tokens], tasks, doc_ids)
+        return gen.texts
+
+    def _loglikelihood(self, context: str, continuation: str, image: Image.Image, task: str, doc_id: int):
+        prompt = self._prompt(context)
+        inputs = self._encode([prompt], [image])
+        target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        if target.numel() == 0:
+            raise ValueError(f"{task} doc {doc_id}: empty continuation {continuation!r}")
+        clock = StageClock(self.engine.device)
+        logprobs, greedy, visual_tokens = self.engine.score_continuation(
+            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], target.to(self.engine.device),
+            method=self.method, budget=self.budget, clock=clock,
+        )
+        self._record(inputs, clock.summary(), visual_tokens, [len(target)], [task], [doc_id])
+        return float(logprobs.sum()), bool(greedy)
+
+    def _image(self, doc_to_visual, doc, task: str) -> Image.Image:
+        visuals = doc_to_visual(doc)
+        if len(visuals) != 1 or not isinstance(visuals[0], Image.Image):
+            raise NotImplementedError(
+                f"task {task!r} gives {len(visuals)} visual(s) per question; prunebench runs single-image "
+                "tasks for now"
+            )
+        return visuals[0].convert("RGB")
+
+    def _prompt(self, context: str) -> str:
+        text = context if IMAGE_TOKEN in context else f"{IMAGE_TOKEN}\n{context}"
+        template = getattr(self.processor, "chat_template", None)
+        if template:
+            question = text.replace(IMAGE_TOKEN, "").lstrip("\n")
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return f"USER: {text} ASSISTANT:"  # LLaVA-1.5's conversation format, for tokenizers without a template
+
+    def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        self.tokenizer.padding_side = "left"
+        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        dtype = next(self.engine.model.parameters()).dtype
+        return {
+            "input_ids": inputs["input_ids"].to(self.engine.device),
+            "attention_mask": inputs["attention_mask"].to(self.engine.device),
+            "pixel_values": inputs["pixel_values"].to(self.engine.device, dtype),
+        }
+
+    def _decode_config(self, kwargs: dict) -> DecodeConfig:
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        if int(kwargs.get("num_beams", 1) or 1) > 1:
+            raise NotImplementedError("beam search is not supported by the pruning engine; use num_beams=1")
+        temperature = float(kwargs.get("temperature", 0) or 0)
+        return DecodeConfig(
+            max_new_tokens=int(kwargs.get("max_new_tokens", 128)),
+            do_sample=bool(kwargs.get("do_sample", False)) and temperature > 0,
+            temperature=temperature or 1.0,
+            top_p=float(kwargs.get("top_p", 1.0) or 1.0),
+            eos_token_id=self.tokenizer.eos_token_id,
+            stop=tuple(s for s in until if s),
+        )
+
+    def _record(self, inputs, timings: dict[str, float], visual_tokens: torch.Tensor, new_tokens: list[int], tasks, doc_ids) -> None:
+        share = {k: v / len(doc_ids) for k, v in timings.items()}
+        n_visual = (inputs["input_ids"] == self.engine.adapter.image_token_id).sum(-1).tolist()
+        for b, (task, doc_id) in enumerate(zip(tasks, doc_ids)):
+            self.stats[(task, doc_id)] = SampleStats(n_visual[b], visual_tokens[b].tolist(), new_tokens[b], share)

@@ -1,0 +1,163 @@
+"""Which lmms-eval task a name means, and where its data comes from.
+
+Real tasks are lmms-eval's own (``gqa``, ``textvqa_val``, ...; friendly aliases below). Any of them
+can be pointed at local data (``--task-data pope=/data/pope.parquet``): the task keeps its prompts
+and metrics, only ``dataset_path`` changes. prunebench's own generated tasks are a real task plus
+data rendered in code (``shapes-pope`` = lmms-eval's ``pope`` on generated images).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ALIASES = {
+    "textvqa": "textvqa_val",
+    "sqa": "scienceqa_img",
+    "scienceqa": "scienceqa_img",
+    "mmb": "mmbench_en_dev_static",
+    "mmbench": "mmbench_en_dev_static",
+    "vqav2": "vqav2_val",
+    "seed": "seedbench",
+    "mmmu": "mmmu_val",
+}
+PAPER_TASKS = ["gqa", "textvqa_val", "pope", "mme", "scienceqa_img", "mmbench_en_dev_static", "vqav2_val",
+               "seedbench", "mmmu_val"]
+
+
+@dataclass(frozen=True)
+class GeneratedTask:
+    base: str  # the lmms-eval task whose prompts and metric it uses
+    generate: Callable[[int, int], Any]  # (n, seed) -> datasets.Dataset
+    size: int  # samples in the fixed evaluation set
+    seed: int
+    description: str
+
+
+def _shapes_pope(n: int, seed: int):
+    from prunebench.tasks.shapes import pope_dataset
+
+    return pope_dataset(n, seed)
+
+
+GENERATED = {
+    "shapes-pope": GeneratedTask("pope", _shapes_pope, 200, 1234,
+                                 "POPE-style yes/no existence of a coloured shape, rendered in code"),
+}
+FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+class TaskError(ValueError):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    from lmms_eval.tasks import TaskManager
+
+    import prunebench.tasks
+
+    return TaskManager(verbosity="ERROR", include_path=list(prunebench.tasks.__path__)[0])
+
+
+def canonical(name: str) -> str:
+    return ALIASES.get(name.strip(), name.strip())
+
+
+def check_known(names: list[str]) -> None:
+    """Fail before any work if a task name is unknown."""
+    known = set(task_manager().all_tasks)
+    unknown = [n for n in names if n not in GENERATED and n not in known]
+    if unknown:
+        raise TaskError(
+            f"unknown task(s) {', '.join(unknown)}; prunebench's own: {', '.join(GENERATED)}; aliases: "
+            f"{', '.join(f'{a}->{t}' for a, t in ALIASES.items())}; or any lmms-eval task name "
+            f"(e.g. {', '.join(PAPER_TASKS)}); `prunebench list tasks` lists them"
+        )
+
+
+def check_data_reachable(task: str, data: str | None) -> None:
+    """Fail within seconds, not after lmms-eval's retries, when a task's hub dataset is neither
+    cached nor reachable."""
+    if task in GENERATED or data is not None:
+        return
+    dataset = base_config(task).get("dataset_path", "")
+    if not dataset or os.path.exists(dataset) or "/" not in dataset:
+        return
+    from huggingface_hub import constants
+
+    cached = Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}"
+    if cached.exists():
+        return
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    if offline or not _hub_reachable(constants.ENDPOINT):
+        raise TaskError(
+            f"task {task!r} needs the dataset {dataset!r}, which is not in the local cache "
+            f"({constants.HF_HUB_CACHE}; HF_HOME={constants.HF_HOME}) and the hub "
+            f"{'is disabled (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set)' if offline else 'cannot be reached'}. "
+            f"Download it on a connected machine (`hf download --repo-type dataset {dataset}`) and copy "
+            f"HF_HOME over, or run the task on local data: --task-data {task}=/path/file.parquet"
+        )
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def base_config(task: str) -> dict:
+    """The task's YAML config as lmms-eval loads it."""
+    from lmms_eval import utils
+
+    index = task_manager()._task_index[task]
+    return utils.load_yaml_config(index["yaml_path"])
+
+
+def task_spec(name: str, data: str | None, cache_dir: Path) -> str | dict:
+    """What to hand lmms-eval: a task name, or a dict overriding a task's dataset."""
+    if name in GENERATED:
+        gen = GENERATED[name]
+        path = cache_dir / f"{name}-{gen.size}-{gen.seed}.parquet"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            gen.generate(gen.size, gen.seed).to_parquet(str(tmp))
+            os.replace(tmp, path)
+        return _override(gen.base, str(path), alias=name)
+    if data is not None:
+        return _override(name, data)
+    return name
+
+
+def _override(task: str, path: str, alias: str | None = None) -> dict:
+    fmt = FILE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise TaskError(f"task data {path!r}: unknown file type; use one of {', '.join(FILE_FORMATS)}")
+    if not Path(path).exists():
+        raise TaskError(f"task data {path!r} does not exist")
+    split = base_config(task).get("test_split", "test")
+    spec = {"task": task, "dataset_path": fmt, "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(Path(path).resolve())}}}
+    if alias:
+        spec["task_alias"] = alias
+    return spec
+
+
+def parse_task_data(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        task, eq, path = item.partition("=")
+        if not eq or not task or not path:
+            raise TaskError(f"--task-data {item!r}: write TASK=PATH (e.g. pope=/data/pope.parquet)")
+        out[canonical(task)] = path
+    return out

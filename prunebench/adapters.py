@@ -52,6 +52,12 @@ class LlavaAdapter:
         return getattr(self.vision_tower, "vision_model", self.vision_tower).encoder.layers
 
     @property
+    def visual_tokens_per_image(self) -> int:
+        vision = self.model.config.vision_config
+        n = (vision.image_size // vision.patch_size) ** 2
+        return n + (1 if self.select_strategy == "full" else 0)
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 

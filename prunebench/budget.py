@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from prunebench.errors import UserError
 
-class BudgetError(ValueError):
+
+class BudgetError(UserError, ValueError):
     """A budget that cannot be parsed or cannot be met by an image."""
 
 

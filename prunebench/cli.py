@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from prunebench.errors import UserError
+
 # name -> (module, one-line help). A module that does not exist yet is reported as not built.
 SUBCOMMANDS = {
     "run": ("prunebench.harness", "evaluate methods x budgets x tasks through lmms-eval"),
@@ -45,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # recorded in results provenance
     if args.command is None:
         parser.print_help()
         return 2
@@ -57,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(module.main(args) or 0)
+    except UserError as err:
+        print(f"prunebench {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; finished results are kept", file=sys.stderr)
         return 130

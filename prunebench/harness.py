@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from statistics import mean
 import torch
 
 from prunebench import taskspec
-from prunebench.budget import Budget
+from prunebench.budget import Budget, BudgetError
+from prunebench.errors import UserError
 from prunebench.method import Method, create_method, parse_method_list
 from prunebench.results import Record, RecordKey, ResultStore
 
@@ -46,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", default="results", help="results store directory (default %(default)s)")
     parser.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
                         help="run TASK on a local parquet/json/csv file, keeping its prompts and metrics")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap every task's answer length (smoke runs)")
     parser.add_argument("--force", action="store_true", help="recompute cells that already have a record")
 
 
@@ -78,15 +81,18 @@ def main(args: argparse.Namespace) -> int:
     # our own progress bar replaces the datasets / lmms-eval tqdm bars
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("LOGURU_LEVEL", "WARNING")  # lmms-eval's task indexing logs at DEBUG
     # 1. everything that can be checked without the model or lmms-eval
     methods = [create_method(spec) for spec in parse_method_list(args.methods)]
     budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
     tasks = [taskspec.canonical(t) for t in args.tasks.split(",") if t.strip()]
     task_data = taskspec.parse_task_data(args.task_data)
     if args.limit is not None and args.limit <= 0:
-        raise SystemExit("--limit must be a positive number of samples")
+        raise UserError(f"--limit {args.limit}: give a positive number of samples")
     if args.batch_size <= 0:
-        raise SystemExit("--batch-size must be positive")
+        raise UserError(f"--batch-size {args.batch_size}: must be positive")
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive")
     store = ResultStore(args.results)
     store.check_writable()
     device = _device(args.device)
@@ -98,6 +104,12 @@ def main(args: argparse.Namespace) -> int:
 
     model, processor = load_model(args.model, device=device, dtype=dtype)
     engine = PruningEngine(model, processor.tokenizer)
+    n_visual = engine.adapter.visual_tokens_per_image
+    for budget in budgets:
+        try:
+            budget.resolve(n_visual)
+        except BudgetError as err:
+            raise BudgetError(f"{err} ({args.model} gives {n_visual} visual tokens per image)") from None
 
     # 3. tasks (needs lmms-eval's task index)
     taskspec.check_known(tasks)
@@ -138,7 +150,8 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
                   console=console, transient=True) as progress:
         bar = progress.add_task(cell.label, total=args.limit)
         lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
-                       batch_size=args.batch_size, on_progress=lambda n: progress.advance(bar, n))
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       on_progress=lambda n: progress.advance(bar, n))
         torch.manual_seed(args.seed)
         out = evaluator.simple_evaluate(
             model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.task_manager(),
@@ -210,7 +223,7 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return name
 
 
@@ -230,7 +243,7 @@ def _provenance(args, device: str, dtype: str) -> dict:
         "dtype": dtype,
         "seed": args.seed,
         "batch_size": args.batch_size,
-        "command": " ".join(sys.argv),
+        "command": shlex.join(["prunebench", *getattr(args, "argv", sys.argv[1:])]),
         "host": socket.gethostname(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -43,6 +43,7 @@ class PrunedVLM(lmms):
         method: Method | None,
         budget: Budget,
         batch_size: int = 1,
+        max_new_tokens: int | None = None,
         on_progress: Callable[[int], None] | None = None,
     ):
         super().__init__()
@@ -52,6 +53,7 @@ class PrunedVLM(lmms):
         self.method = method
         self.budget = budget
         self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens  # a cap over the task's own value
         self.on_progress = on_progress or (lambda n: None)
         self.stats: dict[tuple[str, int], SampleStats] = {}
 
@@ -152,7 +154,7 @@ class PrunedVLM(lmms):
             raise NotImplementedError("beam search is not supported by the pruning engine; use num_beams=1")
         temperature = float(kwargs.get("temperature", 0) or 0)
         return DecodeConfig(
-            max_new_tokens=int(kwargs.get("max_new_tokens", 128)),
+            max_new_tokens=min(int(kwargs.get("max_new_tokens", 128)), self.max_new_tokens or 1 << 30),
             do_sample=bool(kwargs.get("do_sample", False)) and temperature > 0,
             temperature=temperature or 1.0,
             top_p=float(kwargs.get("top_p", 1.0) or 1.0),

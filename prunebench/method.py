@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 
 from prunebench.budget import Budget
+from prunebench.errors import UserError
 
 if TYPE_CHECKING:
     from prunebench.signals import StageContext
@@ -41,7 +42,7 @@ PositionPolicy = Literal["original", "reindex"]
 PRE_LLM = None  # Stage.layer of the pre-LLM stage: after the projector, before decoder layer 0
 
 
-class MethodError(ValueError):
+class MethodError(UserError, ValueError):
     """Unknown method, malformed or wrong-typed option, or an invalid selection."""
 
 

@@ -21,6 +21,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from prunebench.errors import UserError
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    pass
+
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 WORDS = (
     "USER ASSISTANT : . , ? ! ' a an the is are of in on to and or what which where how many "
@@ -150,14 +156,14 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
         model, processor = build_tiny_llava(BUILTIN_RANDOM[name])
         return model.to(device=device, dtype=torch_dtype), processor
     if name.startswith("random:"):
-        raise ValueError(f"unknown random model {name!r}; valid choices: {', '.join(BUILTIN_RANDOM)}")
+        raise ModelNotFoundError(f"unknown random model {name!r}; valid choices: {', '.join(BUILTIN_RANDOM)}")
     kwargs = {"local_files_only": True}
     try:
         model = LlavaForConditionalGeneration.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
         processor = LlavaProcessor.from_pretrained(name, **kwargs)
     except OSError as err:
         where = "local directory" if os.path.isdir(name) else "hub id"
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"cannot load {where} {name!r}: it is not in the local cache ({err.__class__.__name__}). prunebench "
             f"loads weights from local files only: download it first (`hf download {name}`) into "
             f"HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}, or pass a local directory."
@@ -171,5 +177,5 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
 def _dtype(name: str) -> torch.dtype:
     choices = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in choices:
-        raise ValueError(f"unknown dtype {name!r}; valid choices: {', '.join(choices)}")
+        raise UserError(f"unknown dtype {name!r}; valid choices: {', '.join(choices)}")
     return choices[name]

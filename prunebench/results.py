@@ -23,7 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunebench.errors import UserError
+
 SCHEMA_VERSION = 1
+
+
+class StoreError(UserError, OSError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class ResultStore:
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
                 pass
         except OSError as err:
-            raise PermissionError(f"results directory {str(self.root)!r} is not writable: {err.strerror}") from None
+            raise StoreError(f"results directory {str(self.root)!r} is not writable: {err.strerror}") from None
 
     def record_path(self, key: RecordKey) -> Path:
         return self.root / key.folder() / f"{key.stem()}.json"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from prunebench.errors import UserError
+
 ALIASES = {
     "textvqa": "textvqa_val",
     "sqa": "scienceqa_img",
@@ -51,8 +53,8 @@ GENERATED = {
 FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 
 
-class TaskError(ValueError):
-    pass
+class TaskError(UserError, ValueError):
+    """Unknown task, unreadable task data, or a dataset that cannot be had."""
 
 
 @functools.lru_cache(maxsize=1)

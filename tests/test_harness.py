@@ -1,0 +1,125 @@
+"""`prunebench run` end to end on the tiny random LLaVA, through a real lmms-eval task on local data."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prunebench.cli import main
+from prunebench.results import ResultStore
+
+pytest.importorskip("lmms_eval")
+
+
+@pytest.fixture(scope="module")
+def pope_file(tmp_path_factory) -> Path:
+    """A POPE-format parquet of six generated images (lmms-eval's `pope` runs on it unchanged)."""
+    from prunebench.tasks.shapes import pope_dataset
+
+    path = tmp_path_factory.mktemp("data") / "pope.parquet"
+    pope_dataset(6, seed=5).to_parquet(str(path))
+    return path
+
+
+def run_args(results: Path, pope: Path, *extra: str, budgets: str = "64") -> list[str]:
+    return ["run", "--tasks", "pope", "--task-data", f"pope={pope}", "--methods", "none,random", "--budgets", budgets,
+            "--limit", "3", "--max-new-tokens", "3", "--results", str(results), *extra]
+
+
+def records(results: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(results.glob("*/*/*.json"))}
+
+
+def test_run_writes_a_record_per_cell_with_metrics_and_provenance(tmp_path, pope_file, capsys):
+    assert main(run_args(tmp_path, pope_file)) == 0
+    store = ResultStore(tmp_path)
+    recs = {(r.key.method, r.key.budget): r for r in store.records()}
+    assert set(recs) == {("none", "all"), ("random", "64")}
+    for (method, budget), rec in recs.items():
+        assert rec.key.task == "pope" and rec.key.limit == 3 and rec.n_samples == 3
+        assert rec.primary_metric == "pope_accuracy" and 0.0 <= rec.score <= 1.0
+        assert {"pope_accuracy", "pope_f1_score"} <= set(rec.metrics)
+        assert rec.provenance["versions"]["lmms_eval"] and rec.provenance["dtype"] == "float32"
+        assert rec.provenance["seed"] == 0 and "run" in rec.provenance["command"]
+        assert set(rec.timing) == {"vision", "pruner", "prefill", "ttft", "decode_per_token"}
+        samples = store.samples(rec.key)
+        assert [s["doc_id"] for s in samples] == [0, 1, 2]
+        assert all("pope_accuracy" in s["scores"] and isinstance(s["output"], str) for s in samples)
+    assert recs[("none", "all")].visual_tokens == {"nominal": None, "mean_kept": 576, "equivalent": 576, "original": 576}
+    assert recs[("random", "64")].visual_tokens == {"nominal": 64, "mean_kept": 64, "equivalent": 64, "original": 576}
+    assert recs[("random", "64")].timing["pruner"] > 0 and recs[("none", "all")].timing["pruner"] == 0
+    assert "random" in capsys.readouterr().out  # the final table
+
+
+def test_rerun_skips_finished_cells_and_force_recomputes(tmp_path, pope_file):
+    assert main(run_args(tmp_path, pope_file)) == 0
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/*.json")}
+    assert main(run_args(tmp_path, pope_file)) == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/*.json")} == before
+    assert main(run_args(tmp_path, pope_file, "--force")) == 0
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/*.json")}
+    assert all(after[p] > before[p] for p in before)
+
+
+def test_killed_run_resumes_without_losing_or_recomputing(tmp_path, pope_file):
+    args = run_args(tmp_path, pope_file, budgets="128,64")  # three cells: baseline, random@128, random@64
+    proc = subprocess.Popen([sys.executable, "-m", "prunebench", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("*/*/*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = {p: p.read_bytes() for p in tmp_path.glob("*/*/*.json")}
+    assert 1 <= len(first) < 3, "the run should be killed after its first record"
+    assert not list(tmp_path.glob("*/*/.*.tmp")), "no half-written file is left behind"
+    assert main(args) == 0
+    final = records(tmp_path)
+    assert len(final) == 3
+    for path, data in first.items():
+        assert path.read_bytes() == data  # finished records untouched
+    assert not list(tmp_path.glob("*/*/*.lock"))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (["--methods", "none,nosuch"], "unknown method 'nosuch'; valid choices"),
+        (["--methods", "random:seed=x"], "expected an integer"),
+        (["--budgets", "600"], "K=600 exceeds the 576 visual tokens"),
+        (["--budgets", "0"], "positive number of tokens"),
+        (["--tasks", "nosuchtask"], "unknown task\\(s\\) nosuchtask"),
+        (["--model", "/nonexistent/model"], "cannot load local directory|cannot load hub id"),
+        (["--model", "random:huge"], "unknown random model 'random:huge'; valid choices"),
+        (["--task-data", "pope"], "write TASK=PATH"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, pope_file, capsys, change, message):
+    args = run_args(tmp_path / "store", pope_file)
+    for flag, value in zip(change[::2], change[1::2]):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not list((tmp_path / "store").glob("*/*/*.json*"))
+
+
+def test_unwritable_results_dir_is_refused(tmp_path, pope_file, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(run_args(blocker / "results", pope_file)) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_missing_task_data_file(tmp_path, capsys):
+    assert main(run_args(tmp_path, tmp_path / "missing.parquet")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*/*/*.json"))

@@ -1,0 +1,35 @@
+"""A non-editable install ships methods/ and tasks/ inside the package, and the CLI finds them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_ships_methods_tasks_and_the_console_script(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True)
+    (wheel,) = tmp_path.glob("prunebench-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "prunebench/methods/random.py" in names and "prunebench/methods/none.py" in names
+    assert "prunebench/tasks/shapes.py" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "prunebench = prunebench.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    # installed on its own (no repo on the path), the registry finds the shipped methods
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(
+        [sys.executable, "-c", "import prunebench.method as m, prunebench; print(prunebench.__file__); "
+                               "print(sorted(m.available_methods()))"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.splitlines()[0].startswith(str(target))
+    assert "'none'" in out and "'random'" in out

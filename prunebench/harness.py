@@ -23,7 +23,7 @@ from statistics import mean
 
 import torch
 
-from prunebench import taskspec
+from prunebench import distributed, taskspec
 from prunebench.budget import Budget, BudgetError
 from prunebench.errors import UserError
 from prunebench.method import Method, create_method, parse_method_list
@@ -77,7 +77,8 @@ def plan(methods: list[Method], budgets: list[Budget], tasks: list[str]) -> list
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    console = Console(stderr=True)
+    world = distributed.current()
+    console = Console(stderr=True, quiet=not world.main)
     # our own progress bar replaces the datasets / lmms-eval tqdm bars
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -95,7 +96,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive")
     store = ResultStore(args.results)
     store.check_writable()
-    device = _device(args.device)
+    device = _device(args.device, world)
+    distributed.init(world, device)
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
 
     # 2. the model (a missing checkpoint fails here, within seconds)
@@ -120,27 +122,40 @@ def main(args: argparse.Namespace) -> int:
     finished = []
     for cell in cells:
         key = RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit)
-        if store.has(key) and not args.force:
+        action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
+        if action == "cached":
             console.print(f"[dim]cached[/]  {cell.label}")
             finished.append(store.load(key))
             continue
-        if not store.claim(key):
+        if action == "busy":
             console.print(f"[yellow]skipped[/] {cell.label}: another run is computing it")
             continue
         try:
             spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
-            record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, console)
-            store.write(record, samples)
+            record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, console, world)
+            if world.main:
+                store.write(record, samples)
         finally:
-            store.release(key)
-        finished.append(record)
-        console.print(f"[green]done[/]    {cell.label}: {record.primary_metric} = {record.score:.4g}")
-    _print_table(finished)
+            if world.main:
+                store.release(key)
+        if world.main:
+            finished.append(record)
+            console.print(f"[green]done[/]    {cell.label}: {record.primary_metric} = {record.score:.4g}")
+    if world.main:
+        _print_table(finished)
     return 0
 
 
-def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console):
-    """Run one cell through lmms-eval; returns its record and per-sample rows."""
+def _decide(store: ResultStore, key: RecordKey, force: bool) -> str:
+    """"cached" (a record exists), "busy" (another live run holds the cell) or "run" (claimed)."""
+    if store.has(key) and not force:
+        return "cached"
+    return "run" if store.claim(key) else "busy"
+
+
+def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console,
+                  world: distributed.World = distributed.World()):
+    """Run one cell through lmms-eval; returns its record and per-sample rows (None off rank 0)."""
     from lmms_eval import evaluator
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -157,14 +172,20 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
             model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.task_manager(),
             verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
             fewshot_random_seed=args.seed, bootstrap_iters=0,
+            # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
+            distributed_executor_backend="torchrun",
         )
+    all_stats = {k: v for part in distributed.gather(lm.stats, world) for k, v in part.items()}
+    if not world.main:
+        return None, None
     (result_name,) = out["results"].keys()
     metrics = {k.split(",")[0]: v for k, v in out["results"][result_name].items()
                if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     metric_list = out["configs"][result_name].get("metric_list") or [{}]
     primary = metric_list[0].get("metric") or next(iter(metrics))
-    samples = [_sample(s, lm.stats.get((result_name, s["doc_id"]))) for s in out["samples"][result_name]]
-    stats = [lm.stats[k] for k in sorted(lm.stats)]
+    logged = sorted(out["samples"][result_name], key=lambda s: s["doc_id"])  # ranks interleave under DP
+    samples = [_sample(s, all_stats.get((result_name, s["doc_id"]))) for s in logged]
+    stats = [all_stats[k] for k in sorted(all_stats)]
     record = Record(
         key=key,
         metrics=metrics,
@@ -219,9 +240,9 @@ def _timing(stats) -> dict[str, float]:
     }
 
 
-def _device(name: str) -> str:
+def _device(name: str, world: distributed.World) -> str:
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return name
@@ -243,6 +264,7 @@ def _provenance(args, device: str, dtype: str) -> dict:
         "dtype": dtype,
         "seed": args.seed,
         "batch_size": args.batch_size,
+        "world_size": distributed.current().size,
         "command": shlex.join(["prunebench", *getattr(args, "argv", sys.argv[1:])]),
         "host": socket.gethostname(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

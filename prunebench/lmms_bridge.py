@@ -57,6 +57,10 @@ class PrunedVLM(lmms):
         self.on_progress = on_progress or (lambda n: None)
         self.stats: dict[tuple[str, int], SampleStats] = {}
 
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
     # -- lmms-eval entry points ---------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers: list[str | None] = [None] * len(requests)

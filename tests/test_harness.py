@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -123,3 +124,25 @@ def test_missing_task_data_file(tmp_path, capsys):
     assert main(run_args(tmp_path, tmp_path / "missing.parquet")) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not list(tmp_path.glob("*/*/*.json"))
+
+
+def test_data_parallel_run_matches_a_single_process(tmp_path, pope_file):
+    """Two gloo ranks (as `accelerate launch` / torchrun start them) shard the samples; the record
+    and every per-sample answer equal a single-process run."""
+    args = run_args(tmp_path / "dp", pope_file)
+    args[args.index("--limit") + 1] = "4"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "prunebench", *args],
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    single_args = list(args)
+    single_args[single_args.index("--results") + 1] = str(tmp_path / "single")
+    assert main(single_args) == 0
+    parallel, alone = ResultStore(tmp_path / "dp"), ResultStore(tmp_path / "single")
+    recs = {r.key: r for r in parallel.records()}
+    assert len(recs) == 2
+    for rec in alone.records():
+        other = recs[rec.key]
+        assert other.provenance["world_size"] == 2 and other.n_samples == rec.n_samples == 4
+        assert other.metrics == rec.metrics and other.visual_tokens == rec.visual_tokens
+        assert [(s["doc_id"], s["output"]) for s in parallel.samples(rec.key)] == \
+               [(s["doc_id"], s["output"]) for s in alone.samples(rec.key)]

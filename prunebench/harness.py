@@ -166,7 +166,8 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
         bar = progress.add_task(cell.label, total=args.limit)
         lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       on_progress=lambda n: progress.advance(bar, n))
+                       on_progress=lambda n: progress.advance(bar, n),
+                       on_requests=lambda n: progress.update(bar, total=n))
         torch.manual_seed(args.seed)
         out = evaluator.simple_evaluate(
             model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.task_manager(),

@@ -12,7 +12,7 @@ from prunebench.models import BUILTIN_RANDOM
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="methods", choices=["methods", "models", "all"],
+    parser.add_argument("what", nargs="?", default="methods", choices=["methods", "models", "tasks", "all"],
                         help="what to list (default: methods)")
 
 
@@ -39,12 +39,30 @@ def model_table() -> Table:
     return table
 
 
+def task_table() -> Table:
+    from prunebench import taskspec
+
+    table = Table(title="tasks (any lmms-eval task name also works)")
+    table.add_column("name", style="bold")
+    table.add_column("runs as")
+    table.add_column("what")
+    for name, gen in taskspec.GENERATED.items():
+        table.add_row(name, f"lmms-eval `{gen.base}` on generated data", f"{gen.description} ({gen.size} samples)")
+    for alias, task in taskspec.ALIASES.items():
+        table.add_row(alias, task, "alias")
+    for task in taskspec.PAPER_TASKS:
+        table.add_row(task, task, "lmms-eval task used in pruning papers")
+    return table
+
+
 def main(args: argparse.Namespace) -> int:
     console = Console()
     if args.what in ("methods", "all"):
         console.print(method_table())
     if args.what in ("models", "all"):
         console.print(model_table())
+    if args.what in ("tasks", "all"):
+        console.print(task_table())
     return 0
 
 

@@ -45,6 +45,7 @@ class PrunedVLM(lmms):
         batch_size: int = 1,
         max_new_tokens: int | None = None,
         on_progress: Callable[[int], None] | None = None,
+        on_requests: Callable[[int], None] | None = None,
     ):
         super().__init__()
         self.engine = engine
@@ -54,7 +55,8 @@ class PrunedVLM(lmms):
         self.budget = budget
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens  # a cap over the task's own value
-        self.on_progress = on_progress or (lambda n: None)
+        self.on_progress = on_progress or (lambda n: None)  # n requests finished
+        self.on_requests = on_requests or (lambda n: None)  # n requests to come
         self.stats: dict[tuple[str, int], SampleStats] = {}
 
     @property
@@ -63,6 +65,7 @@ class PrunedVLM(lmms):
 
     # -- lmms-eval entry points ---------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
+        self.on_requests(len(requests))
         answers: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
@@ -79,6 +82,7 @@ class PrunedVLM(lmms):
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        self.on_requests(len(requests))
         out = []
         for request in requests:
             context, continuation, doc_to_visual, doc_id, task, split = request.args

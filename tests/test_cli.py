@@ -1,0 +1,37 @@
+"""The `prunebench` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from prunebench import cli
+
+
+def test_list_shows_every_method_with_stage_and_options(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("random", "pre-LLM", "seed=0", "none", "positions=reindex"):
+        assert needle in out
+
+
+def test_list_tasks_shows_aliases_and_generated_tasks(capsys):
+    assert cli.main(["list", "tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "shapes-pope" in out and "textvqa_val" in out and "mmbench_en_dev_static" in out
+
+
+def test_a_subcommand_that_is_not_built_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "later", ("prunebench.not_a_module", "something planned"))
+    assert cli.main(["later"]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_no_subcommand_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "run" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "prunebench", "list"], capture_output=True, text=True, check=True)
+    assert "random" in out.stdout

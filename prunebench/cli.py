@@ -1,4 +1,5 @@
-"""`prunebench` command line: one subcommand per module, imported only when used.
+"""`prunebench` command line: one subcommand per module, imported only when that subcommand runs
+(so `prunebench report` does not pay for importing transformers).
 
 Each subcommand module defines ``add_arguments(parser)`` and ``main(args) -> int``.
 """
@@ -31,29 +32,32 @@ def _load(name: str):
         return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None):
+    """The parser, with the arguments of the ``selected`` subcommand (its module, or None)."""
     parser = argparse.ArgumentParser(
         prog="prunebench",
         description="Benchmark visual-token pruning methods for VLMs under one engine, one protocol, one timer.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    module = None
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module = _load(name)
-        if module is not None:
-            module.add_arguments(sub)
-    return parser
+        if name == selected:
+            module = _load(name)
+            if module is not None:
+                module.add_arguments(sub)
+    return parser, module
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser, module = build_parser(selected if selected in SUBCOMMANDS else None)
     args, extra = parser.parse_known_args(argv)
     args.argv = argv  # recorded in results provenance
     if args.command is None:
         parser.print_help()
         return 2
-    module = _load(args.command)
     if module is None:
         print(f"prunebench {args.command}: not built yet (planned: {SUBCOMMANDS[args.command][1]}).", file=sys.stderr)
         return 2

@@ -141,8 +141,10 @@ def main(args: argparse.Namespace) -> int:
         if world.main:
             finished.append(record)
             console.print(f"[green]done[/]    {cell.label}: {record.primary_metric} = {record.score:.4g}")
-    if world.main:
-        _print_table(finished)
+    if world.main and finished:
+        from prunebench.report import print_summary
+
+        print_summary(finished, store, Console())
     return 0
 
 
@@ -217,13 +219,19 @@ def _sample(logged: dict, stats) -> dict:
     output = logged.get("filtered_resps") or logged.get("resps")
     while isinstance(output, list) and output:
         output = output[0]
-    return {
+    row = {
         "doc_id": logged["doc_id"],
         "output": output,
         "target": logged.get("target"),
         "scores": scores,
         "visual_tokens": None if stats is None else stats.visual_tokens,
     }
+    # MME scores image pairs within categories: the report's intervals resample by them
+    for name in ("category", "question_id"):
+        value = (logged.get("doc") or {}).get(name)
+        if isinstance(value, (str, int)):
+            row[name] = value
+    return row
 
 
 def _timing(stats) -> dict[str, float]:
@@ -278,21 +286,3 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
-
-
-def _print_table(records: list[Record]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="accuracy (primary metric)")
-    tasks = sorted({r.key.task for r in records})
-    table.add_column("method")
-    table.add_column("budget")
-    for task in tasks:
-        table.add_column(task, justify="right")
-    rows: dict[tuple[str, str], dict[str, str]] = {}
-    for r in records:
-        rows.setdefault((r.key.method, r.key.budget), {})[r.key.task] = f"{r.score:.4g}" if r.score is not None else "–"
-    for (method, budget), cells in rows.items():
-        table.add_row(method, budget, *(cells.get(t, "–") for t in tasks))
-    Console().print(table)

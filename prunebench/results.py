@@ -43,10 +43,10 @@ class RecordKey:
     def stem(self) -> str:
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
         limit = "full" if self.limit is None else f"n{self.limit}"
-        return f"{_slug(self.method)}__{_slug(self.budget)}__{limit}__{digest}"
+        return f"{slug(self.method)}__{slug(self.budget)}__{limit}__{digest}"
 
     def folder(self) -> Path:
-        return Path(_slug(self.model)) / _slug(self.task)
+        return Path(slug(self.model)) / slug(self.task)
 
 
 @dataclass
@@ -182,7 +182,7 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", text.replace("/", "__").replace("%", "pct")).strip("-") or "x"
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -22,6 +21,11 @@ from transformers import (
 )
 
 from prunebench.errors import UserError
+
+try:  # transformers >= 5.x: the PIL backend by name (the default one needs torchvision)
+    from transformers import CLIPImageProcessorPil
+except ImportError:  # earlier 5.x releases: the default processor is the PIL/numpy one
+    from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
 class ModelNotFoundError(UserError, FileNotFoundError):
     pass

@@ -23,12 +23,26 @@ def reference(tiny, batch):
     return tokens, torch.stack(out.logits, 1)
 
 
-def assert_matches(gen, reference):
+def until_eos(row: list[int], eos: set[int]) -> list[int]:
+    """HF pads a finished row; the engine stops at (and keeps) the EOS."""
+    for i, tok in enumerate(row):
+        if tok in eos:
+            return row[: i + 1]
+    return row
+
+
+def assert_matches(gen, reference, eos):
     tokens, logits = reference
-    assert [row[:MAX_NEW] for row in gen.tokens] == tokens.tolist()
-    ours = torch.stack(gen.logits, 1)
-    assert ours.shape == logits.shape
-    torch.testing.assert_close(ours, logits.float(), atol=1e-4, rtol=0)
+    expected = [until_eos(row, eos) for row in tokens.tolist()]
+    assert gen.tokens == expected
+    for b, row in enumerate(expected):  # logits of every step the sample was still generating
+        ours = torch.stack([step[b] for step in gen.logits[: len(row)]])
+        torch.testing.assert_close(ours, logits[b, : len(row)].float(), atol=1e-4, rtol=0)
+
+
+def eos_of(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
 @pytest.mark.parametrize(
@@ -37,10 +51,11 @@ def assert_matches(gen, reference):
      "test-twostage:second=1.0", "test-lasttoken:layer=2"],
 )
 @pytest.mark.parametrize("positions", ["original", "reindex"])
-def test_keep_all_reproduces_generate(engine, batch, reference, spec, positions):
+def test_keep_all_reproduces_generate(tiny, engine, batch, reference, spec, positions):
     method = create_method(spec, positions=positions)
-    gen = run(engine, batch, method, budget="all", max_new_tokens=MAX_NEW)
-    assert_matches(gen, reference)
+    eos = eos_of(tiny[0])
+    gen = run(engine, batch, method, budget="all", max_new_tokens=MAX_NEW, eos_token_id=list(eos) or None)
+    assert_matches(gen, reference, eos)
     n = batch["input_ids"].eq(engine.adapter.image_token_id).sum(-1)
     assert gen.visual_tokens.tolist() == [[int(v)] * engine.adapter.num_layers for v in n]
 
@@ -49,31 +64,28 @@ def test_keep_all_single_prompt_matches_generate(tiny, engine):
     model, processor = tiny
     inputs = single(processor, 1)
     out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    gen = run(engine, inputs, create_method("test-strided:layer=1"), budget="all", max_new_tokens=MAX_NEW)
-    assert_matches(gen, (out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)))
+    eos = eos_of(model)
+    gen = run(engine, inputs, create_method("test-strided:layer=1"), budget="all", max_new_tokens=MAX_NEW,
+              eos_token_id=list(eos) or None)
+    assert_matches(gen, (out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)), eos)
 
 
-def test_eos_stops_and_is_kept(engine, batch, reference):
-    tokens, _ = reference
-    eos = int(tokens[0, 2])  # pretend the third greedy token of sample 0 is EOS
+def test_eos_stops_and_is_kept(engine, batch):
+    free = run(engine, batch, None, max_new_tokens=MAX_NEW).tokens  # no EOS: always MAX_NEW tokens
+    eos = free[0][2]  # pretend the third greedy token of sample 0 is EOS
     gen = run(engine, batch, None, eos_token_id=eos, max_new_tokens=MAX_NEW)
-    first = tokens[0].tolist().index(eos)
-    assert gen.tokens[0] == tokens[0, : first + 1].tolist()
-    for b in (1, 2):
-        row = tokens[b].tolist()
-        expected = row[: row.index(eos) + 1] if eos in row else row
-        assert gen.tokens[b] == expected
+    assert gen.tokens == [until_eos(row, {eos}) for row in free]
+    assert len(gen.tokens[0]) <= 3
 
 
-def test_stop_string_cuts_text(engine, batch, reference):
-    tokens, _ = reference
-    tok = engine.tokenizer
-    full = run(engine, batch, None, max_new_tokens=MAX_NEW).texts[0]
-    stop_word = tok.decode([int(tokens[0, 3])])
-    gen = run(engine, batch, None, stop=(stop_word,), max_new_tokens=MAX_NEW)
-    assert stop_word not in gen.texts[0]
-    assert full.startswith(gen.texts[0])
-    assert len(gen.tokens[0]) <= 4
+def test_stop_string_cuts_text(engine, batch):
+    free = run(engine, batch, None, max_new_tokens=MAX_NEW)
+    words = [engine.tokenizer.decode([t], skip_special_tokens=True).strip() for t in free.tokens[0]]
+    at = next(i for i, w in enumerate(words) if w and i >= 1)  # a real word, not the first token
+    gen = run(engine, batch, None, stop=(words[at],), max_new_tokens=MAX_NEW)
+    assert words[at] not in gen.texts[0]
+    assert free.texts[0].startswith(gen.texts[0])
+    assert len(gen.tokens[0]) <= at + 1
 
 
 def test_sampling_is_seeded(engine, batch):

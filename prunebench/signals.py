@@ -60,6 +60,11 @@ class StageContext:
     def batch_size(self) -> int:
         return self.hidden.shape[0]
 
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the model (schedules that average over layers must agree with it)."""
+        return self._adapter.num_layers
+
     @cached_property
     def n_visual(self) -> list[int]:
         return self.layout.n_visual
@@ -102,6 +107,11 @@ class StageContext:
     def last_slot(self) -> torch.Tensor:
         """``(B,)`` slot of each sample's last token (the end of the prompt, under left padding)."""
         return torch.full((self.batch_size,), self.hidden.shape[1] - 1, device=self.hidden.device)
+
+    def top_k(self, scores: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, the indices of its ``keep[b]`` highest ``scores`` (``(B, n_max)``) among its
+        real visual tokens."""
+        return [row[:n].topk(k).indices for row, n, k in zip(scores, self.n_visual, self.keep)]
 
     def generator(self, b: int) -> torch.Generator:
         """A generator for sample ``b`` seeded by (method seed, the sample's prompt tokens): a
@@ -202,6 +212,22 @@ class StageContext:
             return probs
         index = self.visual_index[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
         return probs.gather(-1, index) * self.visual_mask[:, None, None, :]
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm (the one before lm_head) applied to ``hidden`` (DART compares
+        tokens on these normalised states)."""
+        return self._adapter.decoder.norm(hidden)
+
+    def positional_logits(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, R, S)`` logits q.k * scale of all-ones queries (at slots ``rows``) and keys, both
+        rotated at their position ids: the part of decoder ``layer``'s attention logit that depends
+        on positions only (SparseVLM v2.0 divides attention by it). Padding keys are included."""
+        attn = self._adapter.layers[layer].self_attn
+        ones = self.hidden.new_ones(self.batch_size, 1, self.hidden.shape[1], attn.head_dim).float()
+        k = self._rope(ones, *self._rotary(ones))
+        row_ones = ones[:, :, : rows.shape[1]]
+        q = self._rope(row_ones, *self._rotary(row_ones, slots=rows))
+        return torch.matmul(q, k.transpose(-1, -2))[:, 0] * attn.scaling
 
     # -- helpers ----------------------------------------------------------------------------
     def _rotary(self, like: torch.Tensor, slots: torch.Tensor | None = None):

@@ -1,0 +1,227 @@
+"""PyramidDrop: every stage's kept set equals the eager reference; keep-all is generate; batched =
+alone; the budget schedule averages to K exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from conftest import run, single
+from prunebench.budget import Budget, BudgetError
+from prunebench.method import MethodError, create_method
+from prunebench.methods.pyramiddrop import layer_averaged_counts
+from prunebench.models import build_tiny_llava
+from test_fastv import assert_keep_all_is_generate
+
+TINY = "layers=1/2/3,num_layers=4"
+
+
+@pytest.fixture(scope="module")
+def eager():
+    model, _ = build_tiny_llava(seed=0, attn_implementation="eager")
+    return model
+
+
+@dataclass
+class EagerView:
+    """What a reference stage sees: the sequence entering ``layer`` and eager attention maps."""
+
+    model: torch.nn.Module
+    layer: int
+    hidden: torch.Tensor  # (S, D)
+    patch: torch.Tensor  # (S,) patch id, -1 text, -2 merged
+    positions: torch.Tensor  # (S,)
+    recorded: dict[int, torch.Tensor]  # layer -> (H, S, S) probs of its last run
+
+    @property
+    def visual(self) -> torch.Tensor:
+        return (self.patch != -1).nonzero().flatten()
+
+    def attention(self, layer: int) -> torch.Tensor:
+        """(H, S, S) eager softmax attention of ``layer`` over the current sequence."""
+        if layer == self.layer:  # not run yet: run its attention alone on the current input
+            lm = self.model.model.language_model
+            block = lm.layers[layer]
+            rotary = lm.rotary_emb(self.hidden[None], self.positions[None])
+            block.self_attn(block.input_layernorm(self.hidden[None]), position_embeddings=rotary,
+                            attention_mask=causal(len(self.hidden)))
+        return self.recorded[layer]
+
+
+def causal(seq: int) -> torch.Tensor:
+    return torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+
+
+def eager_prefill(model, inputs, stages: dict[int, Callable[[EagerView], tuple[list[int], torch.Tensor | None]]],
+                  policy: str):
+    """The official way, slowly: one prompt, eager attention, no cache, layer by layer. Before each
+    layer in ``stages`` its callback returns (kept indices into the current visual tokens, merged
+    tokens or None); merged tokens go right after the kept image tokens. Returns the patch ids
+    kept at each stage (-2 for merged ones) and the next-token logits."""
+    lm = model.model.language_model
+    ids = inputs["input_ids"][0]
+    image = ids == model.config.image_token_id
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
+                                                  vision_feature_select_strategy="default").pooler_output[0]
+        hidden = lm.embed_tokens(ids).clone()
+        hidden[image] = features
+        patch = torch.full_like(ids, -1)
+        patch[image] = torch.arange(int(image.sum()))
+        positions = torch.arange(len(ids))
+        recorded: dict[int, torch.Tensor] = {}
+        hooks = [block.self_attn.register_forward_hook(
+            lambda module, args, out, i=i: recorded.__setitem__(i, out[1][0].float()))
+            for i, block in enumerate(lm.layers)]
+        kept_per_stage = []
+        try:
+            for i, block in enumerate(lm.layers):
+                if i in stages:
+                    view = EagerView(model, i, hidden, patch, positions, recorded)
+                    kept, merged = stages[i](view)
+                    hidden, patch, positions = rebuild(view, kept, merged, policy)
+                    kept_per_stage.append(sorted(patch[patch != -1].tolist()))
+                rotary = lm.rotary_emb(hidden[None], positions[None])
+                hidden = block(hidden[None], attention_mask=causal(len(hidden)), position_embeddings=rotary)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        logits = model.lm_head(lm.norm(hidden[-1]))
+    return kept_per_stage, logits
+
+
+def rebuild(view: EagerView, kept, merged, policy: str):
+    visual = view.visual
+    keep = view.patch == -1
+    keep[visual[torch.as_tensor(kept, dtype=torch.long)]] = True
+    order = keep.nonzero().flatten()
+    hidden, patch, positions = view.hidden[order], view.patch[order], view.positions[order]
+    if merged is not None and len(merged):
+        cut = int((order <= visual[-1]).sum())
+        last = view.positions[visual[-1]]
+        hidden = torch.cat([hidden[:cut], merged, hidden[cut:]])
+        patch = torch.cat([patch[:cut], torch.full((len(merged),), -2), patch[cut:]])
+        positions = torch.cat([positions[:cut], last.repeat(len(merged)), positions[cut:]])
+    if policy == "reindex":
+        positions = torch.arange(len(hidden))
+    return hidden, patch, positions
+
+
+def record_stages(method) -> list[list[list[int]]]:
+    """Spy on ``method.select``: per stage, per sample, the sorted patch ids it keeps (-2 for each
+    merged token, kept or new)."""
+    seen = []
+    select = method.select
+
+    def spy(ctx):
+        selection = select(ctx)
+        new = [] if selection.merged is None else [-2] * selection.merged.shape[1]
+        seen.append([sorted(ctx.patch_ids[b][torch.as_tensor(k)].tolist() + new) for b, k in enumerate(selection.keep)])
+        return selection
+
+    method.select = spy
+    return seen
+
+
+def last_token_stage(counts: dict[int, int]):
+    """PyramidDrop's rule, the slow way: top tokens by the last token's head-mean attention in
+    the stage layer itself."""
+
+    def stage(view: EagerView):
+        probs = view.attention(view.layer)[:, -1].mean(0)
+        return probs[view.visual].topk(counts[view.layer]).indices.tolist(), None
+
+    return stage
+
+
+@pytest.mark.parametrize("spec,budget,counts", [
+    (f"pyramiddrop:{TINY}", 192, (146, 37, 9)),
+    (f"pyramiddrop:{TINY},ratios=0.5/0.25/0.125", "all", (288, 144, 72)),
+    ("pyramiddrop:layers=2,num_layers=4", 300, (24,)),
+])
+def test_every_stage_equals_eager_reference(tiny, engine, batch, eager, spec, budget, counts):
+    _, processor = tiny
+    method = create_method(spec)
+    seen = record_stages(method)
+    gen = run(engine, batch, method, budget=budget, max_new_tokens=1)
+    stage_counts = dict(zip(method.layers, counts))
+    for b in range(3):
+        kept, logits = eager_prefill(eager, single(processor, b), dict.fromkeys(method.layers, last_token_stage(stage_counts)),
+                                     "reindex")
+        assert [stage[b] for stage in seen] == kept
+        assert gen.kept_patches[b] == kept[-1]
+        torch.testing.assert_close(gen.logits[0][b], logits, atol=1e-4, rtol=0)
+    assert gen.visual_tokens.tolist() == [[576] * method.layers[0] + [c for c, span in zip(counts, spans(method)) for _ in range(span)]] * 3
+
+
+def spans(method) -> list[int]:
+    return [b - a for a, b in zip(method.layers, [*method.layers[1:], method.num_layers])]
+
+
+@pytest.mark.parametrize("budget", [145, 160, 192, 300, 575, "40%"])
+def test_budget_schedule_averages_to_k(engine, batch, budget):
+    gen = run(engine, batch, create_method(f"pyramiddrop:{TINY}"), budget=budget, max_new_tokens=1)
+    k = budget if isinstance(budget, int) else 231  # ceil(0.4 * 576)
+    assert gen.equivalent_tokens.tolist() == [k] * 3
+    counts = gen.visual_tokens[0].tolist()
+    assert counts[0] == 576 and counts == sorted(counts, reverse=True)
+
+
+def test_paper_ratios_average_270_on_llava_geometry():
+    method = create_method("pyramiddrop:ratios=0.5/0.25/0.125")
+    stages = method.schedule(576, Budget.parse("all"))
+    assert [(s.layer, s.keep) for s in stages] == [(8, 288), (16, 144), (24, 72)]
+    assert (8 * 576 + 8 * 288 + 8 * 144 + 8 * 72) / 32 == 270
+
+
+@pytest.mark.parametrize("k", [145, 160, 192, 250, 400, 576])
+def test_llava_budgets_are_exact_geometric_schedules(k):
+    counts = layer_averaged_counts(576, k, (8, 16, 24), 32)
+    assert (8 * 576 + 8 * sum(counts)) / 32 == k
+    assert 576 >= counts[0] >= counts[1] >= counts[2] >= 1
+    if 5 <= counts[1] < 576:  # roughly geometric: each stage keeps a similar fraction of the previous one
+        ratios = [a / b for a, b in zip(counts, (576, *counts))]
+        assert max(ratios[:2]) - min(ratios[:2]) < 0.1
+
+
+def test_a_budget_below_the_first_stage_floor_names_the_fix():
+    with pytest.raises(BudgetError, match="K=128 is below 144.8.*layers 0..7 of 32.*`layers` option"):
+        layer_averaged_counts(576, 128, (8, 16, 24), 32)
+    assert (2 * 576 + sum(s * c for s, c in zip((4, 6, 20), layer_averaged_counts(576, 64, (2, 6, 12), 32)))) / 32 == 64
+
+
+@pytest.mark.parametrize("spec", [f"pyramiddrop:{TINY}", "pyramiddrop:layers=2,num_layers=4"])
+def test_keep_all_reproduces_generate(tiny, engine, batch, spec):
+    assert_keep_all_is_generate(tiny[0], engine, batch, create_method(spec))
+
+
+@pytest.mark.parametrize("spec,budget", [(f"pyramiddrop:{TINY}", 192), (f"pyramiddrop:{TINY},ratios=0.5/0.25/0.125", "all")])
+def test_batch_of_three_equals_each_alone(tiny, engine, batch, spec, budget):
+    _, processor = tiny
+    together = run(engine, batch, create_method(spec), budget=budget, max_new_tokens=4)
+    for b in range(3):
+        alone = run(engine, single(processor, b), create_method(spec), budget=budget, max_new_tokens=4)
+        assert alone.kept_patches[0] == together.kept_patches[b]
+        assert alone.tokens[0] == together.tokens[b]
+        assert alone.visual_tokens[0].tolist() == together.visual_tokens[b].tolist()
+        torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
+
+
+def test_depth_mismatch_is_a_clear_error(engine, batch):
+    with pytest.raises(MethodError, match="num_layers=8 but the model has 4 decoder layers"):
+        run(engine, batch, create_method("pyramiddrop:layers=1/2/3,num_layers=8"), budget=300, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("pyramiddrop:layers=3/2", "strictly increasing"),
+    ("pyramiddrop:layers=0/2", ">= 1"),
+    ("pyramiddrop:layers=8/16/40", "outside a 32-layer decoder"),
+    ("pyramiddrop:ratios=0.5/0.25", "2 ratios for 3 stage layers"),
+    ("pyramiddrop:ratios=0.25/0.5/0.1", "non-increasing"),
+])
+def test_bad_options_are_clear_errors(spec, message):
+    with pytest.raises(MethodError, match=message):
+        create_method(spec)

@@ -102,7 +102,7 @@ class PruningEngine:
         decode = decode or DecodeConfig()
         clock = clock or StageClock(self.device)
         state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock)
-        tokens, logits = self._decode(state, decode, clock, return_logits)
+        tokens, logits = self.decode(state, decode, clock, return_logits)
         texts = self._texts(tokens, decode.stop) if self.tokenizer is not None else None
         kept = [row[row >= 0].tolist() for row in state.layout.visual_id]
         return Generation(
@@ -139,7 +139,7 @@ class PruningEngine:
             greedy = greedy and int(logits.argmax(-1)) == token
             if i + 1 < len(target):
                 with clock("decode"):
-                    logits = self._decode_step(state, target[i : i + 1])
+                    logits = self.decode_step(state, target[i : i + 1])
         return torch.stack(logprobs), greedy, state.visual_tokens
 
     def prefill(
@@ -222,7 +222,8 @@ class PruningEngine:
         return Prefill(logits, cache, groups, group_of_layer, layout, visual_tokens.cpu())
 
     # -- decode -----------------------------------------------------------------------------
-    def _decode(self, state: Prefill, cfg: DecodeConfig, clock: StageClock, keep_logits: bool):
+    def decode(self, state: Prefill, cfg: DecodeConfig, clock: StageClock, keep_logits: bool = False):
+        """Greedy or sampled decoding from a prefill, until EOS / stop string / max_new_tokens."""
         adapter = self.adapter
         batch = state.logits.shape[0]
         eos = _as_set(cfg.eos_token_id)
@@ -242,10 +243,11 @@ class PruningEngine:
             if bool(done.all()) or step == cfg.max_new_tokens - 1:
                 break
             with clock("decode"):
-                logits = self._decode_step(state, next_token)
+                logits = self.decode_step(state, next_token)
         return tokens, kept_logits
 
-    def _decode_step(self, state: Prefill, token: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, state: Prefill, token: torch.Tensor) -> torch.Tensor:
+        """One token per sample through every layer group; returns the next-token logits."""
         adapter = self.adapter
         hidden = adapter.embed(token[:, None])
         masks, rotary = [], []

@@ -519,9 +519,13 @@ TIMINGS = {"vision": "Vision (ms)", "pruner": "Pruner (ms)", "prefill": "Prefill
 
 
 def _device(rec: Record) -> str:
-    device = str(rec.provenance.get("device") or "unknown device")
-    dtype = rec.provenance.get("dtype")
-    return f"{device}, {dtype}" if dtype else device
+    """The timing context: device and dtype, plus batch and prompt length for profile records (runs
+    with different settings are never averaged together, and speedups stay within one setting)."""
+    prov = rec.provenance
+    parts = [str(prov.get("device") or "unknown device")] + ([str(prov["dtype"])] if prov.get("dtype") else [])
+    if rec.kind == "profile":
+        parts += [f"{label} {prov[k]}" for k, label in (("batch_size", "batch"), ("prompt_tokens", "prompt")) if k in prov]
+    return ", ".join(parts)
 
 
 def timing_frame(records: Iterable[Record]) -> pd.DataFrame:
@@ -615,7 +619,7 @@ def speed_table(records: Iterable[Record], title: str | None = None) -> Table:
     )
     notes = [
         (
-            "mean ms per sample; speedups vs the unpruned run timed the same way (source) on the same device; "
+            "ms per sample (eval records: mean over samples; profile records: median over repeats); speedups vs the unpruned run timed the same way (source) on the same device; "
             "Tokens (eq.) = visual tokens averaged over the LLM's layers"
         )
     ]

@@ -39,6 +39,7 @@ class RecordKey:
     budget: str  # "all", "64", "25%"
     task: str
     limit: int | None = None  # samples evaluated; None = the whole task
+    setting: str | None = None  # what else makes a cell distinct (a profile's dtype, batch, prompt length)
 
     def stem(self) -> str:
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]

@@ -50,7 +50,7 @@ class DART(Method):
     def per_pivot(self, k: int) -> int:
         return k // (self.pivot_image + self.pivot_text)
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         if budget.is_all:
             return [Stage(self.layer, n_visual)]
         k = budget.resolve(n_visual)

@@ -45,7 +45,7 @@ class FastV(Method):
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise MethodError(f"fastv: ratio={self.ratio} is the dropped fraction and must lie in [0, 1)")
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         if not budget.is_all:
             keep = budget.resolve(n_visual)
         elif self.ratio is None:

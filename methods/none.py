@@ -17,5 +17,5 @@ class NoPruning(Method):
     name: ClassVar[str] = "none"
     stage: ClassVar[str] = "none"
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         return []

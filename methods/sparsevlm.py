@@ -34,8 +34,7 @@ These are nominal: the engine counts layers 0-2 at 576 (layer 2 really runs on e
 and recycled tokens on top (SparseVLM issue #33), e.g. v2.0 "192" averages 206.75 tokens.
 Any other budget K (or ``published=false``) gets geometric counts N * lam**s whose layer
 average, as the engine counts it (recycled tokens excluded), is exactly K (see
-``layer_averaged_counts`` in methods/pyramiddrop.py). Budget ``all`` keeps every token.
-``num_layers`` must equal the model's decoder depth (checked at the first stage).
+``layer_averaged_counts`` in prunebench/budget.py). Budget ``all`` keeps every token.
 """
 
 from __future__ import annotations
@@ -46,9 +45,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from prunebench.budget import Budget
+from prunebench.budget import Budget, layer_averaged_counts
 from prunebench.method import PRE_LLM, Method, MethodError, PositionPolicy, Selection, Stage, register_method
-from prunebench.methods.pyramiddrop import check_depth, layer_averaged_counts
 from prunebench.signals import StageContext
 
 PUBLISHED = {
@@ -71,7 +69,6 @@ class SparseVLM(Method):
     cluster_every: int = 10  # recycled tokens per DPC-kNN cluster: int(n / cluster_every) + 1
     heads: int = 14  # v2.0: heads with the most rater-to-image attention that are averaged
     published: bool = True  # use the published schedule for 192/128/96/64
-    num_layers: int = 32  # decoder depth the derived schedules average over (LLaVA-1.5-7B: 32)
     positions: PositionPolicy | None = None  # None: reindex for v1.5, original for v2.0
 
     def __post_init__(self) -> None:
@@ -81,11 +78,6 @@ class SparseVLM(Method):
             self.positions = "reindex" if self.version == "1.5" else "original"
         if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
             raise MethodError(f"sparsevlm: layers={self.layers} must be strictly increasing and >= 0")
-        if self.layers[-1] + 1 >= self.num_layers:
-            raise MethodError(
-                f"sparsevlm: scoring layer {self.layers[-1]} leaves no later layer to prune in a "
-                f"{self.num_layers}-layer decoder (num_layers={self.num_layers}); give layers within 0..{self.num_layers - 2}"
-            )
         if not 0.0 < self.recycle_top <= 1.0 or self.cluster_every < 1 or self.heads < 1:
             raise MethodError(
                 f"sparsevlm: recycle_top={self.recycle_top} must lie in (0, 1], cluster_every={self.cluster_every} "
@@ -103,14 +95,19 @@ class SparseVLM(Method):
     def stage_layers(self) -> tuple[int, ...]:
         return tuple(layer + 1 for layer in self.layers)
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
+        if self.layers[-1] + 1 >= num_layers:
+            raise MethodError(
+                f"sparsevlm: scoring layer {self.layers[-1]} leaves no later layer to prune in this "
+                f"{num_layers}-layer decoder; give layers within 0..{num_layers - 2} (e.g. sparsevlm:layers=1/3/5 for 8)"
+            )
         table = PUBLISHED[self.version]
         if budget.is_all:  # every stage keeps everything: no raters needed
             return [Stage(layer, n_visual) for layer in self.stage_layers]
         if self.published and budget.tokens in table and len(self.layers) == 3 and table[budget.tokens][0] <= n_visual:
             counts = table[budget.tokens]
         else:
-            counts = layer_averaged_counts(n_visual, budget.resolve(n_visual), self.stage_layers, self.num_layers)
+            counts = layer_averaged_counts(n_visual, budget.resolve(n_visual), self.stage_layers, num_layers)
         return [Stage(PRE_LLM, n_visual), *(Stage(layer, keep) for layer, keep in zip(self.stage_layers, counts))]
 
     def select(self, ctx: StageContext) -> Selection:
@@ -118,7 +115,6 @@ class SparseVLM(Method):
         if ctx.layer is None:
             ctx.state["raters"] = raters(ctx)
             return Selection(keep=everything)
-        check_depth(self.name, self.num_layers, ctx)
         if ctx.keep == ctx.n_visual:
             return Selection(keep=everything)
         scores = self.scores(ctx, layer=ctx.layer - 1)

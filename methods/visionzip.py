@@ -72,7 +72,7 @@ class VisionZip(Method):
         if self.contextual is not None and self.contextual < 0:
             raise MethodError(f"visionzip: contextual={self.contextual} must be >= 0")
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         if budget.is_all:  # the unpruned reference: every patch, nothing merged, no CLS
             return [ZipStage(PRE_LLM, n_visual)]
         dominant, n_ctx = split_budget(budget.resolve(n_visual), self.contextual, self.cls)

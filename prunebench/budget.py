@@ -7,6 +7,7 @@ token: the unpruned reference.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -84,3 +85,59 @@ class Budget:
         if self.tokens is not None:
             return str(self.tokens)
         return f"{self.fraction * 100:g}%"
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-stage schedules (PyramidDrop, SparseVLM's derived budgets)
+
+
+@functools.lru_cache(maxsize=256)
+def layer_averaged_counts(n: int, k: int, layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """Tokens kept after each stage so that the layer average of visual tokens is ``k``.
+
+    Stages prune before ``layers`` (strictly increasing, >= 1) of a ``num_layers``-layer decoder
+    fed ``n`` visual tokens. Counts are geometric, n * lam**s for s = 1..m, with lam found by
+    bisection on the real-valued average, then rounded to integers whose average is exactly ``k``
+    (near the geometric values); if no such integers exist, the nearest
+    rounding (the average is then off by less than one token).
+    """
+    spans = [b - a for a, b in zip(layers, [*layers[1:], num_layers])]
+    total = k * num_layers - layers[0] * n  # token-layers the pruned layers must hold
+    lowest = (layers[0] * n + sum(spans)) / num_layers
+    if total < sum(spans):
+        raise BudgetError(
+            f"budget K={k} is below {lowest:.1f}, the smallest layer average its stages allow "
+            f"(layers 0..{layers[0] - 1} of {num_layers} see all {n} visual tokens); move the first stage "
+            f"earlier with the `layers` option"
+        )
+
+    def held(lam: float) -> float:
+        return sum(span * n * lam ** (s + 1) for s, span in enumerate(spans))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if held(mid) < total else (lo, mid)
+    target = [n * hi ** (s + 1) for s in range(len(spans))]
+    exact = _exact_counts(target, spans, total, n)
+    if exact is not None:
+        return tuple(exact)
+    return tuple(min(n, max(1, round(t))) for t in target)  # monotone, as target is
+
+
+def _exact_counts(target: list[float], spans: list[int], total: int, upper: int) -> list[int] | None:
+    """Integers upper >= c_1 >= ... >= c_m >= 1 with sum(span * c) == total, each within
+    sum(spans) of its target (clamping later counts to >= 1 can push an earlier one that far),
+    the earliest stages closest; None if there are none."""
+    if len(spans) == 1:
+        count, remainder = divmod(total, spans[0])
+        return [count] if remainder == 0 and 1 <= count <= upper else None
+    reach, rest_spans = sum(spans), sum(spans[1:])
+    guess = round(target[0])
+    for count in sorted(range(guess - reach, guess + reach + 1), key=lambda c: abs(c - target[0])):
+        rest = total - spans[0] * count
+        if 1 <= count <= upper and rest_spans <= rest <= rest_spans * count:
+            tail = _exact_counts(target[1:], spans[1:], rest, count)
+            if tail is not None:
+                return [count, *tail]
+    return None

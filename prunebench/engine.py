@@ -276,7 +276,7 @@ class PruningEngine:
         per_sample = []
         for n in n_visual:
             try:
-                per_sample.append(method.schedule(n, budget))
+                per_sample.append(method.schedule(n, budget, self.adapter.num_layers))
             except BudgetError as err:
                 raise BudgetError(f"method {method.name!r}: {err}") from None
         layers = {tuple(s.layer for s in stages) for stages in per_sample}

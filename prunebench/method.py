@@ -77,8 +77,9 @@ class Method:
     layer: ClassVar[int | None] = None  # overridden by a field in in-LLM methods
     positions: PositionPolicy = "reindex"
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
-        """Stages for one image of ``n_visual`` tokens. Default: a single stage at ``self.layer``."""
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
+        """Stages for one image of ``n_visual`` tokens on a decoder of ``num_layers`` layers (a
+        multi-stage method averages its budget over them). Default: one stage at ``self.layer``."""
         keep = budget.resolve(n_visual)
         return [Stage(PRE_LLM if self.stage == "pre" else self.layer, keep)]
 

@@ -356,7 +356,7 @@ def cell_record(
     )
 
 
-def plan_cells(methods: list[Method], budgets: list[Budget], n_visual: int) -> list[tuple[Method, Budget]]:
+def plan_cells(methods: list[Method], budgets: list[Budget], n_visual: int, num_layers: int) -> list[tuple[Method, Budget]]:
     """The unpruned baseline first (speedups are against it), then every pruning method x budget.
 
     A method that never prunes (``stage == "none"``) is the baseline whatever the budget. A budget
@@ -368,7 +368,7 @@ def plan_cells(methods: list[Method], budgets: list[Budget], n_visual: int) -> l
             continue
         for budget in budgets:
             try:
-                method.schedule(n_visual, budget)
+                method.schedule(n_visual, budget, num_layers)
             except BudgetError as err:
                 raise BudgetError(f"method {method.spec()!r} at budget {budget}: {err}") from None
             cells.append((method, budget))
@@ -500,7 +500,7 @@ def _profile(args: argparse.Namespace) -> int:
     model, model_name, random_weights = load_profile_model(args.model, args.random_weights, device, dtype)
     engine = PruningEngine(model)
     inputs = synthetic_batch(model.config, settings.batch_size, settings.prompt_tokens, device, model.dtype)
-    cells = plan_cells(methods, budgets, visual_tokens_per_image(model.config))
+    cells = plan_cells(methods, budgets, visual_tokens_per_image(model.config), model.config.text_config.num_hidden_layers)
     peaks = measure_peaks(device, model.dtype)
     print(f"{device_name(device)}: {peaks.flops_per_s / 1e12:.3f} TFLOP/s matmul, {peaks.bytes_per_s / 1e9:.1f} GB/s copy "
           f"(measured, {dtype})", file=sys.stderr)

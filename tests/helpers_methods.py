@@ -21,7 +21,7 @@ class StridedAt(Method):
     layer: int = 1  # -1: pre-LLM
     offset: int = 0
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         return [Stage(PRE_LLM if self.layer < 0 else self.layer, budget.resolve(n_visual))]
 
     def select(self, ctx) -> Selection:
@@ -58,7 +58,7 @@ class TwoStage(Method):
     layers: tuple[int, ...] = (1, 3)
     second: float = 0.5
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         k = budget.resolve(n_visual)
         return [Stage(self.layers[0], k), Stage(self.layers[1], max(1, int(k * self.second)))]
 
@@ -74,7 +74,7 @@ class MergeRest(Method):
     name: ClassVar[str] = "test-merge"
     stage: ClassVar[str] = "pre"
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         return [Stage(PRE_LLM, budget.resolve(n_visual) - 1)]
 
     def select(self, ctx) -> Selection:
@@ -100,7 +100,7 @@ class Probe(Method):
     hook: ClassVar = None
     seen: ClassVar[list] = []
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         return [Stage(PRE_LLM if self.layer < 0 else self.layer, n_visual)]
 
     def select(self, ctx) -> Selection:

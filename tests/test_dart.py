@@ -120,4 +120,4 @@ def test_bad_options_are_clear_errors(spec, message):
 
 def test_too_many_image_pivots_is_a_budget_error():
     with pytest.raises(BudgetError, match="600 image pivots exceed the 576"):
-        create_method("dart:pivot_image=600").schedule(576, Budget(tokens=64))
+        create_method("dart:pivot_image=600").schedule(576, Budget(tokens=64), 32)

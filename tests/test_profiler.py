@@ -143,7 +143,7 @@ class Sleepy(Method):
     clock: ClassVar[VirtualTime | None] = None
     calls: ClassVar[list[str]] = []
 
-    def schedule(self, n_visual: int, budget: Budget) -> list[Stage]:
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         keep = budget.resolve(n_visual)
         return [Stage(PRE_LLM if layer < 0 else layer, keep) for layer in self.layers]
 
@@ -203,11 +203,11 @@ def test_cpu_peak_memory_sees_a_large_allocation():
 # -- planning and the command line ---------------------------------------------------------------
 def test_plan_puts_the_baseline_first_and_checks_budgets():
     methods = [create_method("none"), create_method("random"), create_method("random:seed=3")]
-    cells = plan_cells(methods, [Budget.parse("192"), Budget.parse("25%")], 576)
+    cells = plan_cells(methods, [Budget.parse("192"), Budget.parse("25%")], 576, 32)
     assert [(m.spec(), str(b)) for m, b in cells] == [
         ("none", "all"), ("random", "192"), ("random", "25%"), ("random:seed=3", "192"), ("random:seed=3", "25%")]
     with pytest.raises(BudgetError, match="K=600 exceeds the 576"):
-        plan_cells(methods, [Budget.parse("600")], 576)
+        plan_cells(methods, [Budget.parse("600")], 576, 32)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from prunebench.methods.pyramiddrop import layer_averaged_counts
 from prunebench.models import build_tiny_llava
 from test_fastv import assert_keep_all_is_generate
 
-TINY = "layers=1/2/3,num_layers=4"
+TINY = "layers=1/2/3"
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def last_token_stage(counts: dict[int, int]):
 @pytest.mark.parametrize("spec,budget,counts", [
     (f"pyramiddrop:{TINY}", 192, (146, 37, 9)),
     (f"pyramiddrop:{TINY},ratios=0.5/0.25/0.125", "all", (288, 144, 72)),
-    ("pyramiddrop:layers=2,num_layers=4", 300, (24,)),
+    ("pyramiddrop:layers=2", 300, (24,)),
 ])
 def test_every_stage_equals_eager_reference(tiny, engine, batch, eager, spec, budget, counts):
     _, processor = tiny
@@ -157,8 +157,8 @@ def test_every_stage_equals_eager_reference(tiny, engine, batch, eager, spec, bu
     assert gen.visual_tokens.tolist() == [[576] * method.layers[0] + [c for c, span in zip(counts, spans(method)) for _ in range(span)]] * 3
 
 
-def spans(method) -> list[int]:
-    return [b - a for a, b in zip(method.layers, [*method.layers[1:], method.num_layers])]
+def spans(method, num_layers: int = 4) -> list[int]:
+    return [b - a for a, b in zip(method.layers, [*method.layers[1:], num_layers])]
 
 
 @pytest.mark.parametrize("budget", [145, 160, 192, 300, 575, "40%"])
@@ -172,7 +172,7 @@ def test_budget_schedule_averages_to_k(engine, batch, budget):
 
 def test_paper_ratios_average_270_on_llava_geometry():
     method = create_method("pyramiddrop:ratios=0.5/0.25/0.125")
-    stages = method.schedule(576, Budget.parse("all"))
+    stages = method.schedule(576, Budget.parse("all"), 32)
     assert [(s.layer, s.keep) for s in stages] == [(8, 288), (16, 144), (24, 72)]
     assert (8 * 576 + 8 * 288 + 8 * 144 + 8 * 72) / 32 == 270
 
@@ -193,7 +193,7 @@ def test_a_budget_below_the_first_stage_floor_names_the_fix():
     assert (2 * 576 + sum(s * c for s, c in zip((4, 6, 20), layer_averaged_counts(576, 64, (2, 6, 12), 32)))) / 32 == 64
 
 
-@pytest.mark.parametrize("spec", [f"pyramiddrop:{TINY}", "pyramiddrop:layers=2,num_layers=4"])
+@pytest.mark.parametrize("spec", [f"pyramiddrop:{TINY}", "pyramiddrop:layers=2"])
 def test_keep_all_reproduces_generate(tiny, engine, batch, spec):
     assert_keep_all_is_generate(tiny[0], engine, batch, create_method(spec))
 
@@ -210,15 +210,16 @@ def test_batch_of_three_equals_each_alone(tiny, engine, batch, spec, budget):
         torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
 
 
-def test_depth_mismatch_is_a_clear_error(engine, batch):
-    with pytest.raises(MethodError, match="num_layers=8 but the model has 4 decoder layers"):
-        run(engine, batch, create_method("pyramiddrop:layers=1/2/3,num_layers=8"), budget=300, max_new_tokens=1)
+def test_stages_beyond_the_model_are_a_clear_error(engine, batch):
+    with pytest.raises(MethodError, match="stage layer 24 is outside this 4-layer decoder"):
+        run(engine, batch, create_method("pyramiddrop"), budget=300, max_new_tokens=1)
+    with pytest.raises(MethodError, match="outside this 32-layer decoder"):
+        create_method("pyramiddrop:layers=8/16/40").schedule(576, Budget.parse("64"), 32)
 
 
 @pytest.mark.parametrize("spec,message", [
     ("pyramiddrop:layers=3/2", "strictly increasing"),
     ("pyramiddrop:layers=0/2", ">= 1"),
-    ("pyramiddrop:layers=8/16/40", "outside a 32-layer decoder"),
     ("pyramiddrop:ratios=0.5/0.25", "2 ratios for 3 stage layers"),
     ("pyramiddrop:ratios=0.25/0.5/0.1", "non-increasing"),
 ])

@@ -17,7 +17,7 @@ from prunebench.methods.sparsevlm import dpc_knn_merge
 from test_fastv import assert_keep_all_is_generate
 from test_pyramiddrop import EagerView, eager, eager_prefill, record_stages  # noqa: F401  (eager: fixture)
 
-TINY = "layers=0/1/2,num_layers=4"
+TINY = "layers=0/1/2"
 
 
 def plain_dpc_knn(x: torch.Tensor, clusters: int) -> torch.Tensor:
@@ -85,7 +85,7 @@ CASES = [  # spec, budget
     (f"sparsevlm:{TINY}", 150),  # v1.5, derived schedule
     (f"sparsevlm:{TINY},version=2.0,heads=2", 128),  # v2.0, published 238/108/60, original positions
     (f"sparsevlm:{TINY},version=2.0,heads=3,recycle=true", 96),
-    ("sparsevlm:layers=1/2,num_layers=4,recycle=false", 320),  # two stages, derived
+    ("sparsevlm:layers=1/2,recycle=false", 320),  # two stages, derived
 ]
 
 
@@ -93,7 +93,7 @@ CASES = [  # spec, budget
 def test_every_stage_equals_eager_reference(tiny, engine, batch, eager, spec, budget):  # noqa: F811
     _, processor = tiny
     method = create_method(spec)
-    counts = {s.layer: s.keep for s in method.schedule(576, Budget.parse(budget))}
+    counts = {s.layer: s.keep for s in method.schedule(576, Budget.parse(budget), 4)}
     seen = record_stages(method)
     gen = run(engine, batch, method, budget=budget, max_new_tokens=1)
     for b in range(3):
@@ -122,11 +122,11 @@ def test_published_192_counts_with_and_without_recycling(engine, batch, version,
 
 def test_published_schedules_on_llava_geometry():
     for version, expected in [("1.5", [(3, 300), (7, 200), (16, 110)]), ("2.0", [(3, 300), (7, 200), (16, 118)])]:
-        stages = create_method(f"sparsevlm:version={version}").schedule(576, Budget.parse("192"))
+        stages = create_method(f"sparsevlm:version={version}").schedule(576, Budget.parse("192"), 32)
         assert [(s.layer, s.keep) for s in stages] == [(None, 576), *expected]
-    v2 = create_method("sparsevlm:version=2.0").schedule(576, Budget.parse("192"))
+    v2 = create_method("sparsevlm:version=2.0").schedule(576, Budget.parse("192"), 32)
     assert (3 * 576 + 4 * 300 + 9 * 200 + 16 * 118) / 32 == 206.75  # what the engine will count for "192"
-    derived = create_method("sparsevlm:published=false").schedule(576, Budget.parse("192"))
+    derived = create_method("sparsevlm:published=false").schedule(576, Budget.parse("192"), 32)
     spans = (4, 9, 16)
     assert (3 * 576 + sum(s * st.keep for s, st in zip(spans, derived[1:]))) / 32 == 192
     assert v2[0].keep == 576
@@ -140,7 +140,7 @@ def test_derived_schedule_averages_to_k_without_recycling(engine, batch, budget)
 
 def test_derived_schedule_with_recycling_adds_the_recycled_tokens(engine, batch):
     method = create_method(f"sparsevlm:{TINY}")
-    kept = [s.keep for s in method.schedule(576, Budget.parse(150))[1:]]
+    kept = [s.keep for s in method.schedule(576, Budget.parse(150), 4)[1:]]
     gen = run(engine, batch, method, budget=150, max_new_tokens=1)
     counts, n = [576], 576
     for keep in kept:
@@ -196,16 +196,17 @@ def test_positional_logits_signal(tiny, engine, batch):
         torch.testing.assert_close(logits[b], expected, atol=1e-4, rtol=0)
 
 
-def test_depth_mismatch_and_too_many_heads_are_clear_errors(engine, batch):
-    with pytest.raises(MethodError, match="num_layers=32 but the model has 4 decoder layers"):
-        run(engine, batch, create_method("sparsevlm:layers=0/1/2"), budget=192, max_new_tokens=1)
+def test_stages_beyond_the_model_and_too_many_heads_are_clear_errors(engine, batch):
+    with pytest.raises(MethodError, match="scoring layer 15 leaves no later layer to prune in this 4-layer decoder"):
+        run(engine, batch, create_method("sparsevlm"), budget=192, max_new_tokens=1)
+    with pytest.raises(MethodError, match="leaves no later layer"):
+        create_method("sparsevlm:layers=2/6/31").schedule(576, Budget.parse("192"), 32)
     with pytest.raises(MethodError, match="heads=14 but layer 0 has 4 attention heads"):
         run(engine, batch, create_method(f"sparsevlm:{TINY},version=2.0"), budget=192, max_new_tokens=1)
 
 
 @pytest.mark.parametrize("spec,message", [
     ("sparsevlm:layers=6/2", "strictly increasing"),
-    ("sparsevlm:layers=2/6/31", "leaves no later layer"),
     ("sparsevlm:version=3", "must be one of 1.5, 2.0"),
     ("sparsevlm:recycle_top=0", r"\(0, 1\]"),
 ])

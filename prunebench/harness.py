@@ -26,11 +26,11 @@ import torch
 from prunebench import distributed, taskspec
 from prunebench.budget import Budget, BudgetError
 from prunebench.errors import UserError
-from prunebench.method import Method, create_method, parse_method_list
+from prunebench.method import Method, MethodError, create_method, parse_method_list
 from prunebench.results import Record, RecordKey, ResultStore
 
 DEFAULT_MODEL = "random:tiny-llava"
-DEFAULT_METHODS = "none,random"
+DEFAULT_METHODS = "none,random,fastv,dart,visionzip,divprune"
 DEFAULT_TASKS = "shapes-pope"
 DEFAULT_BUDGETS = "192,128,64"
 
@@ -74,6 +74,19 @@ def plan(methods: list[Method], budgets: list[Budget], tasks: list[str]) -> list
     return cells
 
 
+def check_schedules(methods: list[Method], budgets: list[Budget], n_visual: int, num_layers: int, model: str) -> None:
+    """Every (method, budget) must be schedulable on this model before any cell runs."""
+    for method in methods:
+        for budget in budgets:
+            try:
+                method.schedule(n_visual, budget, num_layers)
+            except (BudgetError, MethodError) as err:
+                raise type(err)(
+                    f"{method.spec()} at budget {budget} on {model} ({n_visual} visual tokens, "
+                    f"{num_layers} decoder layers): {err}"
+                ) from None
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -106,12 +119,7 @@ def main(args: argparse.Namespace) -> int:
 
     model, processor = load_model(args.model, device=device, dtype=dtype)
     engine = PruningEngine(model, processor.tokenizer)
-    n_visual = engine.adapter.visual_tokens_per_image
-    for budget in budgets:
-        try:
-            budget.resolve(n_visual)
-        except BudgetError as err:
-            raise BudgetError(f"{err} ({args.model} gives {n_visual} visual tokens per image)") from None
+    check_schedules(methods, budgets, engine.adapter.visual_tokens_per_image, engine.adapter.num_layers, args.model)
 
     # 3. tasks (needs lmms-eval's task index)
     taskspec.check_known(tasks)

@@ -95,6 +95,7 @@ def test_killed_run_resumes_without_losing_or_recomputing(tmp_path, pope_file):
         (["--methods", "random:seed=x"], "expected an integer"),
         (["--budgets", "600"], "K=600 exceeds the 576 visual tokens"),
         (["--budgets", "0"], "positive number of tokens"),
+        (["--methods", "none,pyramiddrop"], "pyramiddrop at budget 64 .*outside this 4-layer decoder"),
         (["--tasks", "nosuchtask"], "unknown task\\(s\\) nosuchtask"),
         (["--model", "/nonexistent/model"], "cannot load local directory|cannot load hub id"),
         (["--model", "random:huge"], "unknown random model 'random:huge'; valid choices"),

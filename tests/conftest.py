@@ -33,6 +33,19 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_eager():
+    """(model, processor) of the same random tiny LLaVA under eager attention, fp32: the attention
+    maps the official implementations read. Shared: no test may change the model."""
+    return build_tiny_llava(seed=0, attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def eager(tiny_eager):
+    """The model of ``tiny_eager``."""
+    return tiny_eager[0]
+
+
+@pytest.fixture(scope="session")
 def engine(tiny) -> PruningEngine:
     model, processor = tiny
     return PruningEngine(model, processor.tokenizer)
@@ -44,6 +57,19 @@ def batch(tiny):
     _, processor = tiny
     prompts = [PROMPT_TEMPLATE.format(question=q) for q in QUESTIONS]
     return processor(images=make_images(3), text=prompts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, batch):
+    """HF generate on the padded batch: tokens and per-step logits."""
+    from references import MAX_NEW  # here, not at the top: references imports conftest
+
+    model, _ = tiny
+    out = model.generate(
+        **batch, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    tokens = out.sequences[:, batch["input_ids"].shape[1] :]
+    return tokens, torch.stack(out.logits, 1)
 
 
 def single(processor, index: int):

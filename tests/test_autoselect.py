@@ -8,9 +8,9 @@ from conftest import run, single
 
 from prunebench.method import MethodError, create_method
 from prunebench.selectors import CheckpointError, build_selector, save_selector
+from references import MAX_NEW
 
 METHODS = ["autoselect", "gumbel"]
-MAX_NEW = 6
 
 
 @pytest.fixture(scope="module")

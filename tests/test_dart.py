@@ -13,8 +13,7 @@ from conftest import run, single
 from helpers_methods import Probe
 from prunebench.budget import Budget, BudgetError
 from prunebench.method import MethodError, create_method
-from test_fastv import assert_keep_all_is_generate
-from test_engine_reference import slow_reference
+from references import assert_keep_all_is_generate, slow_reference
 
 
 def reference_keep(model, inputs, layer: int, budget: int, pivot_image: int = 4, pivot_text: int = 4) -> list[int]:

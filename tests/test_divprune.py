@@ -9,7 +9,7 @@ import torch
 from conftest import run, single
 from prunebench.method import create_method
 from prunebench.methods.divprune import max_min_diverse
-from test_engine_exact import MAX_NEW, assert_matches, eos_of, reference  # noqa: F401  (fixture)
+from references import MAX_NEW, assert_matches, eos_of
 
 N = 576
 
@@ -54,7 +54,7 @@ def test_equals_plain_python_greedy_loop(engine, batch, features, space, k):
     assert gen.visual_tokens.tolist() == [[k] * engine.adapter.num_layers] * 3
 
 
-def test_keep_all_reproduces_generate(tiny, engine, batch, reference):  # noqa: F811
+def test_keep_all_reproduces_generate(tiny, engine, batch, reference):
     eos = eos_of(tiny[0])
     gen = run(engine, batch, create_method("divprune"), budget="all", max_new_tokens=MAX_NEW, eos_token_id=list(eos) or None)
     assert_matches(gen, reference, eos)

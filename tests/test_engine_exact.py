@@ -8,41 +8,7 @@ import torch
 import helpers_methods  # noqa: F401  (registers the test methods)
 from conftest import run, single
 from prunebench.method import create_method
-
-MAX_NEW = 6
-
-
-@pytest.fixture(scope="module")
-def reference(tiny, batch):
-    """HF generate on the padded batch: tokens and per-step logits."""
-    model, _ = tiny
-    out = model.generate(
-        **batch, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
-    tokens = out.sequences[:, batch["input_ids"].shape[1] :]
-    return tokens, torch.stack(out.logits, 1)
-
-
-def until_eos(row: list[int], eos: set[int]) -> list[int]:
-    """HF pads a finished row; the engine stops at (and keeps) the EOS."""
-    for i, tok in enumerate(row):
-        if tok in eos:
-            return row[: i + 1]
-    return row
-
-
-def assert_matches(gen, reference, eos):
-    tokens, logits = reference
-    expected = [until_eos(row, eos) for row in tokens.tolist()]
-    assert gen.tokens == expected
-    for b, row in enumerate(expected):  # logits of every step the sample was still generating
-        ours = torch.stack([step[b] for step in gen.logits[: len(row)]])
-        torch.testing.assert_close(ours, logits[b, : len(row)].float(), atol=1e-4, rtol=0)
-
-
-def eos_of(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+from references import MAX_NEW, assert_matches, eos_of, until_eos
 
 
 @pytest.mark.parametrize(

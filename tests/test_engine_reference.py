@@ -9,47 +9,7 @@ import helpers_methods  # noqa: F401
 from conftest import run, single
 from helpers_methods import Probe, pattern
 from prunebench.method import create_method
-from prunebench.models import build_tiny_llava
-
-STEPS = 5
-
-
-def slow_reference(model, inputs, stages, policy, steps=STEPS):
-    """Greedy decoding with no KV cache, one prompt: every step re-runs the whole sequence,
-    dropping visual tokens before the stage layers. ``stages``: [(layer or -1, kept indices into
-    the visual tokens still present)]."""
-    inner = model.model
-    lm = inner.language_model
-    ids = inputs["input_ids"][0]
-    feats = inner.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
-                                     vision_feature_select_strategy="default").pooler_output[0]
-    prompt = lm.embed_tokens(ids)
-    prompt[ids == model.config.image_token_id] = feats
-    is_visual = ids == model.config.image_token_id
-    generated, all_logits = [], []
-    for _ in range(steps):
-        extra = lm.embed_tokens(torch.tensor(generated, dtype=torch.long))
-        hidden = torch.cat([prompt, extra])[None]
-        visual = torch.cat([is_visual, torch.zeros(len(generated), dtype=torch.bool)])
-        positions = torch.arange(hidden.shape[1])
-        todo = list(stages)
-        for layer_index in range(-1, len(lm.layers)):
-            if todo and todo[0][0] == layer_index:
-                _, kept = todo.pop(0)
-                slots = visual.nonzero().flatten()
-                keep = ~visual
-                keep[slots[kept]] = True
-                hidden, visual, positions = hidden[:, keep], visual[keep], positions[keep]
-                if policy == "reindex":
-                    positions = torch.arange(hidden.shape[1])
-            if layer_index < 0:
-                continue
-            rotary = lm.rotary_emb(hidden, positions[None])
-            hidden = lm.layers[layer_index](hidden, attention_mask=None, position_embeddings=rotary)
-        logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
-        all_logits.append(logits)
-        generated.append(int(logits.argmax()))
-    return generated, torch.stack(all_logits)
+from references import STEPS, slow_reference
 
 
 @pytest.mark.parametrize("layer", [-1, 0, 1, 2, 3])
@@ -93,9 +53,8 @@ def test_merged_tokens_enter_after_the_kept_ones(tiny, engine, batch):
 
 
 @pytest.fixture(scope="module")
-def eager_outputs(batch):
+def eager_outputs(batch, eager):
     """The same tiny model under eager attention, with every attention map returned."""
-    eager, _ = build_tiny_llava(seed=0, attn_implementation="eager")
     with torch.no_grad():
         lm = eager(**batch, output_attentions=True)
         vision = eager.model.vision_tower(batch["pixel_values"], output_attentions=True)

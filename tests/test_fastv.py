@@ -8,24 +8,12 @@ import torch
 
 from conftest import run, single
 from prunebench.method import MethodError, create_method
-from prunebench.models import build_tiny_llava
-from test_engine_exact import MAX_NEW, assert_matches, eos_of
-from test_engine_reference import slow_reference
-
-
-def assert_keep_all_is_generate(model, engine, batch, method) -> None:
-    """Budget "all" through ``method``'s stages gives the model's own greedy generate."""
-    out = model.generate(**batch, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    eos = eos_of(model)
-    gen = run(engine, batch, method, budget="all", max_new_tokens=MAX_NEW, eos_token_id=list(eos) or None)
-    assert_matches(gen, (out.sequences[:, batch["input_ids"].shape[1] :], torch.stack(out.logits, 1)), eos)
-    assert gen.visual_tokens.tolist() == [[576] * engine.adapter.num_layers] * batch["input_ids"].shape[0]
+from references import assert_keep_all_is_generate, slow_reference
 
 
 @pytest.fixture(scope="module")
-def eager_attentions(batch):
+def eager_attentions(batch, eager):
     """Attention maps of the unpruned tiny model under eager attention (the official way)."""
-    eager, _ = build_tiny_llava(seed=0, attn_implementation="eager")
     with torch.no_grad():
         return eager(**batch, output_attentions=True).attentions
 

@@ -21,17 +21,15 @@ from prunebench.flops import (
     visual_tokens_per_image,
 )
 from prunebench.method import create_method
-from prunebench.models import build_tiny_llava
 from prunebench.presets import preset_config
 from prunebench.timing import StageClock
 
 
 @pytest.fixture(scope="module")
-def eager():
+def eager_pair(tiny_eager):
     """The tiny LLaVA with eager attention: its attention runs as matmuls torch's counter sees
     (SDPA on CPU is invisible to FlopCounterMode)."""
-    torch.set_num_threads(2)
-    return build_tiny_llava(seed=0, attn_implementation="eager")
+    return tiny_eager
 
 
 def test_tiny_geometry_from_config(tiny):
@@ -82,11 +80,11 @@ def test_reproduces_the_efficiency_anchor():
 
 @pytest.mark.parametrize("spec,budget", [("none", "all"), ("random", 64), ("test-twostage:layers=1/3", 96),
                                          ("test-strided:layer=-1", 200)])
-def test_flops_equal_torchs_flop_counter(eager, spec, budget):
+def test_flops_equal_torchs_flop_counter(eager_pair, spec, budget):
     """torch's FlopCounterMode, around a real prefill and a real decode step, counts exactly
     vision_flops + prefill_flops (and decode_flops_per_step) for the visual tokens the engine
     reports per layer; these methods select with no matmul of their own."""
-    model, processor = eager
+    model, processor = eager_pair
     engine = PruningEngine(model)
     inputs = single(processor, 2)
     g = DecoderGeometry.from_config(model.config)

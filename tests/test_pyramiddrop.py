@@ -3,9 +3,6 @@ alone; the budget schedule averages to K exactly."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import pytest
 import torch
 
@@ -13,117 +10,9 @@ from conftest import run, single
 from prunebench.budget import Budget, BudgetError
 from prunebench.method import MethodError, create_method
 from prunebench.methods.pyramiddrop import layer_averaged_counts
-from prunebench.models import build_tiny_llava
-from test_fastv import assert_keep_all_is_generate
+from references import EagerView, assert_keep_all_is_generate, eager_prefill, record_stages
 
 TINY = "layers=1/2/3"
-
-
-@pytest.fixture(scope="module")
-def eager():
-    model, _ = build_tiny_llava(seed=0, attn_implementation="eager")
-    return model
-
-
-@dataclass
-class EagerView:
-    """What a reference stage sees: the sequence entering ``layer`` and eager attention maps."""
-
-    model: torch.nn.Module
-    layer: int
-    hidden: torch.Tensor  # (S, D)
-    patch: torch.Tensor  # (S,) patch id, -1 text, -2 merged
-    positions: torch.Tensor  # (S,)
-    recorded: dict[int, torch.Tensor]  # layer -> (H, S, S) probs of its last run
-
-    @property
-    def visual(self) -> torch.Tensor:
-        return (self.patch != -1).nonzero().flatten()
-
-    def attention(self, layer: int) -> torch.Tensor:
-        """(H, S, S) eager softmax attention of ``layer`` over the current sequence."""
-        if layer == self.layer:  # not run yet: run its attention alone on the current input
-            lm = self.model.model.language_model
-            block = lm.layers[layer]
-            rotary = lm.rotary_emb(self.hidden[None], self.positions[None])
-            block.self_attn(block.input_layernorm(self.hidden[None]), position_embeddings=rotary,
-                            attention_mask=causal(len(self.hidden)))
-        return self.recorded[layer]
-
-
-def causal(seq: int) -> torch.Tensor:
-    return torch.full((seq, seq), float("-inf")).triu(1)[None, None]
-
-
-def eager_prefill(model, inputs, stages: dict[int, Callable[[EagerView], tuple[list[int], torch.Tensor | None]]],
-                  policy: str):
-    """The official way, slowly: one prompt, eager attention, no cache, layer by layer. Before each
-    layer in ``stages`` its callback returns (kept indices into the current visual tokens, merged
-    tokens or None); merged tokens go right after the kept image tokens. Returns the patch ids
-    kept at each stage (-2 for merged ones) and the next-token logits."""
-    lm = model.model.language_model
-    ids = inputs["input_ids"][0]
-    image = ids == model.config.image_token_id
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
-                                                  vision_feature_select_strategy="default").pooler_output[0]
-        hidden = lm.embed_tokens(ids).clone()
-        hidden[image] = features
-        patch = torch.full_like(ids, -1)
-        patch[image] = torch.arange(int(image.sum()))
-        positions = torch.arange(len(ids))
-        recorded: dict[int, torch.Tensor] = {}
-        hooks = [block.self_attn.register_forward_hook(
-            lambda module, args, out, i=i: recorded.__setitem__(i, out[1][0].float()))
-            for i, block in enumerate(lm.layers)]
-        kept_per_stage = []
-        try:
-            for i, block in enumerate(lm.layers):
-                if i in stages:
-                    view = EagerView(model, i, hidden, patch, positions, recorded)
-                    kept, merged = stages[i](view)
-                    hidden, patch, positions = rebuild(view, kept, merged, policy)
-                    kept_per_stage.append(sorted(patch[patch != -1].tolist()))
-                rotary = lm.rotary_emb(hidden[None], positions[None])
-                hidden = block(hidden[None], attention_mask=causal(len(hidden)), position_embeddings=rotary)[0]
-        finally:
-            for hook in hooks:
-                hook.remove()
-        logits = model.lm_head(lm.norm(hidden[-1]))
-    return kept_per_stage, logits
-
-
-def rebuild(view: EagerView, kept, merged, policy: str):
-    visual = view.visual
-    keep = view.patch == -1
-    keep[visual[torch.as_tensor(kept, dtype=torch.long)]] = True
-    order = keep.nonzero().flatten()
-    hidden, patch, positions = view.hidden[order], view.patch[order], view.positions[order]
-    if merged is not None and len(merged):
-        cut = int((order <= visual[-1]).sum())
-        last = view.positions[visual[-1]]
-        hidden = torch.cat([hidden[:cut], merged, hidden[cut:]])
-        patch = torch.cat([patch[:cut], torch.full((len(merged),), -2), patch[cut:]])
-        positions = torch.cat([positions[:cut], last.repeat(len(merged)), positions[cut:]])
-    if policy == "reindex":
-        positions = torch.arange(len(hidden))
-    return hidden, patch, positions
-
-
-def record_stages(method) -> list[list[list[int]]]:
-    """Spy on ``method.select``: per stage, per sample, the sorted patch ids it keeps (-2 for each
-    merged token, kept or new)."""
-    seen = []
-    select = method.select
-
-    def spy(ctx):
-        selection = select(ctx)
-        new = [] if selection.merged is None else [-2] * selection.merged.shape[1]
-        seen.append([sorted(ctx.patch_ids[b][torch.as_tensor(k)].tolist() + new) for b, k in enumerate(selection.keep)])
-        return selection
-
-    method.select = spy
-    return seen
 
 
 def last_token_stage(counts: dict[int, int]):

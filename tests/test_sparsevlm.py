@@ -14,8 +14,7 @@ from helpers_methods import Probe
 from prunebench.budget import Budget
 from prunebench.method import MethodError, create_method
 from prunebench.methods.sparsevlm import dpc_knn_merge
-from test_fastv import assert_keep_all_is_generate
-from test_pyramiddrop import EagerView, eager, eager_prefill, record_stages  # noqa: F401  (eager: fixture)
+from references import EagerView, assert_keep_all_is_generate, eager_prefill, record_stages
 
 TINY = "layers=0/1/2"
 
@@ -90,7 +89,7 @@ CASES = [  # spec, budget
 
 
 @pytest.mark.parametrize("spec,budget", CASES)
-def test_every_stage_equals_eager_reference(tiny, engine, batch, eager, spec, budget):  # noqa: F811
+def test_every_stage_equals_eager_reference(tiny, engine, batch, eager, spec, budget):
     _, processor = tiny
     method = create_method(spec)
     counts = {s.layer: s.keep for s in method.schedule(576, Budget.parse(budget), 4)}

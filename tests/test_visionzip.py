@@ -11,17 +11,16 @@ from prunebench.adapters import LlavaAdapter
 from prunebench.budget import BudgetError
 from prunebench.method import MethodError, create_method
 from prunebench.methods.visionzip import split_budget
-from prunebench.models import build_tiny_llava
-from test_engine_exact import MAX_NEW, assert_matches, eos_of, reference  # noqa: F401  (fixture)
+from references import MAX_NEW, assert_matches, eos_of
 
 N = 576
 
 
 @pytest.fixture(scope="module")
-def eager_vision(batch):
+def eager_vision(batch, eager):
     """Eager CLIP tower of the same tiny model: attention maps, hidden states, and the keys of
     layer -2 captured from its k_proj as the forward runs."""
-    model, _ = build_tiny_llava(seed=0, attn_implementation="eager")
+    model = eager
     block = LlavaAdapter(model).vision_layers[-2]
     captured = []
     handle = block.self_attn.k_proj.register_forward_hook(lambda _m, _i, out: captured.append(out))
@@ -128,7 +127,7 @@ def test_llm_sees_kept_patches_then_cls_then_contextual(tiny, engine, batch, eag
         torch.testing.assert_close(gen.logits[0][b], logits, atol=1e-4, rtol=0)
 
 
-def test_keep_all_reproduces_generate(tiny, engine, batch, reference):  # noqa: F811
+def test_keep_all_reproduces_generate(tiny, engine, batch, reference):
     eos = eos_of(tiny[0])
     gen = run(engine, batch, create_method("visionzip"), budget="all", max_new_tokens=MAX_NEW, eos_token_id=list(eos) or None)
     assert_matches(gen, reference, eos)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from prunebench.budget import Budget
 from prunebench.engine import PruningEngine
 from prunebench.method import create_method
 from prunebench.models import PROMPT_TEMPLATE, load_model
@@ -46,23 +47,24 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for k in (int(b) for b in args.budgets.split(",")):
-        method = create_method("random")
-        pruned, pruner = [], []
-        for i in range(args.warmup + args.repeats):
+        method, ideal_inputs = create_method("random"), _ideal_inputs(engine, inputs, k)
+        pruned, pruner, ideal = [], [], []
+        for i in range(args.warmup + args.repeats):  # engine and ideal passes alternate: drift hits both
             clock = StageClock("cpu")
             with torch.inference_mode():
                 engine.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], method,
-                               _budget(k), clock)
+                               Budget.parse(k), clock)
+            ideal_ms = _ideal_prefill(engine, ideal_inputs)
             if i >= args.warmup:
                 summary = clock.summary()
                 pruned.append(summary["prefill"])
                 pruner.append(summary.get("pruner", 0.0))
-        ideal = _ideal_prefill(engine, inputs, k, args.warmup, args.repeats)
-        rows.append((k, statistics.median(pruner), statistics.median(pruned), ideal))
+                ideal.append(ideal_ms)
+        rows.append((k, statistics.median(pruner), statistics.median(pruned), statistics.median(ideal)))
 
     lines = [
         f"Prefill on `{args.model}` ({n_visual} visual tokens, {engine.adapter.num_layers} decoder layers), "
-        f"CPU, {args.threads} threads, median of {args.repeats} after {args.warmup} warm-up.",
+        f"CPU, {args.threads} threads, median of {args.repeats} alternating passes after {args.warmup} warm-up.",
         f"Command: `python -m prunebench.benchmarks.prefill_overhead --model {args.model} --budgets {args.budgets} "
         f"--repeats {args.repeats}`",
         "",
@@ -76,29 +78,25 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).write_text(text)
 
 
-def _budget(k: int):
-    from prunebench.budget import Budget
-
-    return Budget.parse(k)
-
-
-@torch.inference_mode()
-def _ideal_prefill(engine: PruningEngine, inputs, k: int, warmup: int, repeats: int) -> float:
-    """HF's own decoder forward on text + K visual embeddings (the cost pruning should reach)."""
+def _ideal_inputs(engine: PruningEngine, inputs, k: int) -> torch.Tensor:
+    """Embeddings of the prompt with its image span cut to K tokens (the model fed K from the start)."""
     adapter = engine.adapter
     ids = inputs["input_ids"][0]
     visual = ids == adapter.image_token_id
     first = int(visual.nonzero()[0])
     keep = torch.cat([torch.arange(first), torch.arange(first, first + k), torch.arange(first + int(visual.sum()), len(ids))])
-    embeds = adapter.embed(ids[keep][None])
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        out = adapter.decoder(inputs_embeds=embeds, past_key_values=DynamicCache(config=adapter.decoder.config), use_cache=True)
-        adapter.lm_head(out.last_hidden_state[:, -1:])
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    with torch.inference_mode():
+        return adapter.embed(ids[keep][None])
+
+
+@torch.inference_mode()
+def _ideal_prefill(engine: PruningEngine, embeds: torch.Tensor) -> float:
+    """ms of HF's own decoder forward (SDPA, KV cache on) + lm_head on the last token."""
+    adapter = engine.adapter
+    start = time.perf_counter()
+    out = adapter.decoder(inputs_embeds=embeds, past_key_values=DynamicCache(config=adapter.decoder.config), use_cache=True)
+    adapter.lm_head(out.last_hidden_state[:, -1:])
+    return 1000 * (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

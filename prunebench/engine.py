@@ -224,7 +224,6 @@ class PruningEngine:
     # -- decode -----------------------------------------------------------------------------
     def decode(self, state: Prefill, cfg: DecodeConfig, clock: StageClock, keep_logits: bool = False):
         """Greedy or sampled decoding from a prefill, until EOS / stop string / max_new_tokens."""
-        adapter = self.adapter
         batch = state.logits.shape[0]
         eos = _as_set(cfg.eos_token_id)
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)

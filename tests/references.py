@@ -7,7 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from conftest import run
+from conftest import run, single
+
+from prunebench.method import Method, create_method
 
 MAX_NEW = 6  # new tokens for the keep-all-is-generate checks
 STEPS = 5  # decode steps of slow_reference
@@ -181,3 +183,19 @@ def record_stages(method) -> list[list[list[int]]]:
 
     method.select = spy
     return seen
+
+
+def assert_batch_equals_each_alone(engine, processor, batch, method: str | Method, budget, max_new_tokens: int = 4):
+    """The left-padded batch of three gives, for every prompt, the tokens, kept patches, per-layer
+    visual counts and first-step logits of that prompt run alone. Returns the batched Generation."""
+    def make() -> Method:
+        return create_method(method) if isinstance(method, str) else method
+
+    together = run(engine, batch, make(), budget=budget, max_new_tokens=max_new_tokens)
+    for b in range(len(together.tokens)):
+        alone = run(engine, single(processor, b), make(), budget=budget, max_new_tokens=max_new_tokens)
+        assert alone.tokens[0] == together.tokens[b]
+        assert alone.kept_patches[0] == together.kept_patches[b]
+        assert alone.visual_tokens[0].tolist() == together.visual_tokens[b].tolist()
+        torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
+    return together

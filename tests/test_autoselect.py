@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run, single
+from conftest import run
+from references import MAX_NEW, assert_batch_equals_each_alone
 
 from prunebench.method import MethodError, create_method
 from prunebench.selectors import CheckpointError, build_selector, save_selector
-from references import MAX_NEW
 
 METHODS = ["autoselect", "gumbel"]
 
@@ -58,12 +58,7 @@ def test_keeps_the_top_k_of_the_checkpoint(tiny, engine, batch, checkpoints, kin
 def test_batch_of_three_equals_each_alone(tiny, engine, batch, checkpoints, kind):
     _, processor = tiny
     method = create_method(f"{kind}:ckpt={checkpoints[kind][0]}")
-    together = run(engine, batch, method, budget="25%", max_new_tokens=6)
-    for b in range(3):
-        alone = run(engine, single(processor, b), method, budget="25%", max_new_tokens=6)
-        assert alone.kept_patches[0] == together.kept_patches[b]
-        assert alone.tokens[0] == together.tokens[b]
-        torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
+    assert_batch_equals_each_alone(engine, processor, batch, method, "25%", max_new_tokens=6)
 
 
 def test_round_trip_through_a_new_directory_selects_the_same(tiny, engine, batch, checkpoints, tmp_path):

@@ -1,13 +1,11 @@
-"""A left-padded batch gives the same answers and the same kept tokens as each prompt alone."""
+"""A left-padded batch gives the same answers and the same kept tokens as each prompt alone
+(engine-level cases; each method's own test file checks the method the same way)."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import helpers_methods  # noqa: F401
-from conftest import run, single
-from prunebench.method import create_method
+import pytest
+from references import assert_batch_equals_each_alone
 
 
 @pytest.mark.parametrize(
@@ -17,10 +15,4 @@ from prunebench.method import create_method
 )
 def test_batch_of_three_equals_each_alone(tiny, engine, batch, spec, budget):
     _, processor = tiny
-    together = run(engine, batch, create_method(spec), budget=budget, max_new_tokens=8)
-    for b in range(3):
-        alone = run(engine, single(processor, b), create_method(spec), budget=budget, max_new_tokens=8)
-        assert alone.tokens[0] == together.tokens[b]
-        assert alone.kept_patches[0] == together.kept_patches[b]
-        assert alone.visual_tokens[0].tolist() == together.visual_tokens[b].tolist()
-        torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
+    assert_batch_equals_each_alone(engine, processor, batch, spec, budget, max_new_tokens=8)

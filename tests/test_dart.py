@@ -3,17 +3,21 @@ batched = alone; kept counts follow the official arithmetic; the final-norm sign
 
 from __future__ import annotations
 
+import helpers_methods  # noqa: F401  (registers test-probe)
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-import helpers_methods  # noqa: F401  (registers test-probe)
 from conftest import run, single
 from helpers_methods import Probe
+from references import (
+    assert_batch_equals_each_alone,
+    assert_keep_all_is_generate,
+    slow_reference,
+)
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
 from prunebench.budget import Budget, BudgetError
 from prunebench.method import MethodError, create_method
-from references import assert_keep_all_is_generate, slow_reference
 
 
 def reference_keep(model, inputs, layer: int, budget: int, pivot_image: int = 4, pivot_text: int = 4) -> list[int]:
@@ -91,12 +95,7 @@ def test_keep_all_reproduces_generate(tiny, engine, batch):
 @pytest.mark.parametrize("spec,budget", [("dart", 64), ("dart:layer=3,positions=reindex", 96)])
 def test_batch_of_three_equals_each_alone(tiny, engine, batch, spec, budget):
     _, processor = tiny
-    together = run(engine, batch, create_method(spec), budget=budget, max_new_tokens=4)
-    for b in range(3):
-        alone = run(engine, single(processor, b), create_method(spec), budget=budget, max_new_tokens=4)
-        assert alone.kept_patches[0] == together.kept_patches[b]
-        assert alone.tokens[0] == together.tokens[b]
-        torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
+    assert_batch_equals_each_alone(engine, processor, batch, spec, budget)
 
 
 def test_final_norm_signal_is_the_decoders_norm(tiny, engine, batch):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import helpers_methods  # noqa: F401  (registers the test methods)
 import pytest
 import torch
-
-import helpers_methods  # noqa: F401  (registers the test methods)
 from conftest import run, single
-from prunebench.method import create_method
 from references import MAX_NEW, assert_matches, eos_of, until_eos
+
+from prunebench.method import create_method
 
 
 @pytest.mark.parametrize(

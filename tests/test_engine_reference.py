@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import helpers_methods  # noqa: F401
 import pytest
 import torch
-
-import helpers_methods  # noqa: F401
 from conftest import run, single
 from helpers_methods import Probe, pattern
-from prunebench.method import create_method
 from references import STEPS, slow_reference
+
+from prunebench.method import create_method
 
 
 @pytest.mark.parametrize("layer", [-1, 0, 1, 2, 3])

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import run, single
+from references import (
+    assert_batch_equals_each_alone,
+    assert_keep_all_is_generate,
+    slow_reference,
+)
+
 from prunebench.method import MethodError, create_method
-from references import assert_keep_all_is_generate, slow_reference
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +63,7 @@ def test_keep_all_reproduces_generate(tiny, engine, batch, spec):
 @pytest.mark.parametrize("spec,budget", [("fastv", 64), ("fastv:layer=1,ratio=0.5", "all")])
 def test_batch_of_three_equals_each_alone(tiny, engine, batch, spec, budget):
     _, processor = tiny
-    together = run(engine, batch, create_method(spec), budget=budget, max_new_tokens=4)
-    for b in range(3):
-        alone = run(engine, single(processor, b), create_method(spec), budget=budget, max_new_tokens=4)
-        assert alone.kept_patches[0] == together.kept_patches[b]
-        assert alone.tokens[0] == together.tokens[b]
-        torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
+    assert_batch_equals_each_alone(engine, processor, batch, spec, budget)
 
 
 @pytest.mark.parametrize(

@@ -133,8 +133,10 @@ def test_data_parallel_run_matches_a_single_process(tmp_path, pope_file):
     args = run_args(tmp_path / "dp", pope_file)
     args[args.index("--limit") + 1] = "4"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "prunebench", *args],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    # --standalone: a free rendezvous port, so parallel test runs do not collide
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "prunebench", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     single_args = list(args)
     single_args[single_args.index("--results") + 1] = str(tmp_path / "single")
     assert main(single_args) == 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import pytest
-
 import helpers_methods  # noqa: F401
+import pytest
 from conftest import run
+
 from prunebench.budget import Budget, BudgetError
 from prunebench.method import (
     Method,
@@ -92,8 +92,9 @@ def test_a_method_keeping_the_wrong_count_is_caught(engine, batch):
         stage: ClassVar[str] = "pre"
 
         def select(self, ctx):
-            from prunebench.method import Selection
             import torch
+
+            from prunebench.method import Selection
             return Selection(keep=torch.arange(ctx.uniform_keep + 1).repeat(ctx.batch_size, 1))
 
     with pytest.raises(MethodError, match="kept 65 tokens of sample 0; its schedule says 64"):

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import run, single
+from prunebench.methods.pyramiddrop import layer_averaged_counts
+from references import (
+    EagerView,
+    assert_batch_equals_each_alone,
+    assert_keep_all_is_generate,
+    eager_prefill,
+    record_stages,
+)
+
 from prunebench.budget import Budget, BudgetError
 from prunebench.method import MethodError, create_method
-from prunebench.methods.pyramiddrop import layer_averaged_counts
-from references import EagerView, assert_keep_all_is_generate, eager_prefill, record_stages
 
 TINY = "layers=1/2/3"
 
@@ -90,13 +96,7 @@ def test_keep_all_reproduces_generate(tiny, engine, batch, spec):
 @pytest.mark.parametrize("spec,budget", [(f"pyramiddrop:{TINY}", 192), (f"pyramiddrop:{TINY},ratios=0.5/0.25/0.125", "all")])
 def test_batch_of_three_equals_each_alone(tiny, engine, batch, spec, budget):
     _, processor = tiny
-    together = run(engine, batch, create_method(spec), budget=budget, max_new_tokens=4)
-    for b in range(3):
-        alone = run(engine, single(processor, b), create_method(spec), budget=budget, max_new_tokens=4)
-        assert alone.kept_patches[0] == together.kept_patches[b]
-        assert alone.tokens[0] == together.tokens[b]
-        assert alone.visual_tokens[0].tolist() == together.visual_tokens[b].tolist()
-        torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
+    assert_batch_equals_each_alone(engine, processor, batch, spec, budget)
 
 
 def test_stages_beyond_the_model_are_a_clear_error(engine, batch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import run
+
 from prunebench.method import create_method
 
 

@@ -10,7 +10,13 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_report import FIXTURE_DEVICE, TINY_MODEL, _record, write_example_store, write_tiny_store
+from helpers_report import (
+    FIXTURE_DEVICE,
+    TINY_MODEL,
+    _record,
+    write_example_store,
+    write_tiny_store,
+)
 from matplotlib.image import imread
 from rich.console import Console
 

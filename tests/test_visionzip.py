@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import run, single
+from prunebench.methods.visionzip import split_budget
+from references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
+
 from prunebench.adapters import LlavaAdapter
 from prunebench.budget import BudgetError
 from prunebench.method import MethodError, create_method
-from prunebench.methods.visionzip import split_budget
-from references import MAX_NEW, assert_matches, eos_of
 
 N = 576
 
@@ -138,13 +138,7 @@ def test_keep_all_reproduces_generate(tiny, engine, batch, reference):
 @pytest.mark.parametrize("spec,budget", [("visionzip", 64), ("visionzip:cls=false", "25%")])
 def test_batch_of_three_equals_each_alone(tiny, engine, batch, spec, budget):
     _, processor = tiny
-    together = run(engine, batch, create_method(spec), budget=budget, max_new_tokens=6)
-    for b in range(3):
-        alone = run(engine, single(processor, b), create_method(spec), budget=budget, max_new_tokens=6)
-        assert alone.tokens[0] == together.tokens[b]
-        assert alone.kept_patches[0] == together.kept_patches[b]
-        assert alone.visual_tokens[0].tolist() == together.visual_tokens[b].tolist()
-        torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
+    assert_batch_equals_each_alone(engine, processor, batch, spec, budget, max_new_tokens=6)
 
 
 def test_bad_settings_are_clear_errors(engine, batch):

@@ -56,6 +56,7 @@ else
   "$py" scripts/lmms_eval_requirements.py > "$constraints.req"
   "${pip[@]}" -c "$constraints" -r "$constraints.req"
   rm -f "$constraints.req"
+  echo "setup: pip's note that lmms-eval lacks torchvision and timm is expected: they are left out on CPU torch"
 fi
 "$py" -c "from lmms_eval import evaluator" 2>/dev/null \
   || { echo "setup: lmms-eval does not import; see the error above" >&2; "$py" -c "from lmms_eval import evaluator"; }

@@ -149,3 +149,12 @@ def test_data_parallel_run_matches_a_single_process(tmp_path, pope_file):
         assert other.metrics == rec.metrics and other.visual_tokens == rec.visual_tokens
         assert [(s["doc_id"], s["output"]) for s in parallel.samples(rec.key)] == \
                [(s["doc_id"], s["output"]) for s in alone.samples(rec.key)]
+
+
+def test_an_uncached_hub_dataset_fails_fast_with_what_to_do(tmp_path, capsys, monkeypatch):
+    """gqa's dataset is not in this machine's cache; offline, the run stops at once, before any work."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["run", "--tasks", "gqa", "--methods", "none", "--limit", "2", "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not in the local cache" in err and "HF_HOME" in err and "--task-data gqa=" in err
+    assert not list(tmp_path.glob("*/*/*.json"))

@@ -7,26 +7,16 @@ on the vision features before the projector, kept in their original order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-from prunebench.method import Method, Selection, register_method
-from prunebench.selectors import CheckpointScorer
-from prunebench.signals import StageContext
+from prunebench.method import register_method
+from prunebench.selectors import CheckpointSelector
 
 
 @register_method
 @dataclass(kw_only=True)
-class AutoSelectMethod(Method):
+class AutoSelectMethod(CheckpointSelector):
     """AutoSelect: top-K of a trained scorer on the vision features (ckpt=DIR from `prunebench train autoselect`)."""
 
     name: ClassVar[str] = "autoselect"
-    stage: ClassVar[str] = "pre"
-    ckpt: str | None = None  # checkpoint directory (config.json + model.safetensors)
-    _scorer: CheckpointScorer | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self._scorer = CheckpointScorer(self.name, self.ckpt)  # a missing or bad checkpoint fails here
-
-    def select(self, ctx: StageContext) -> Selection:
-        return self._scorer.top_k(ctx)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prunebench.method import MethodError, Selection
+from prunebench.method import Method, MethodError, Selection
 
 if TYPE_CHECKING:
     from prunebench.signals import StageContext
@@ -487,3 +487,17 @@ def _check_positive(**values: int) -> None:
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
+
+@dataclass(kw_only=True)
+class CheckpointSelector(Method):
+    """Base of the learned pre-LLM methods: hard top-K of a trained scorer loaded from ``ckpt``."""
+
+    stage: ClassVar[str] = "pre"
+    ckpt: str | None = None  # checkpoint directory (config.json + model.safetensors)
+    _scorer: CheckpointScorer | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._scorer = CheckpointScorer(self.name, self.ckpt)  # a missing or bad checkpoint fails here
+
+    def select(self, ctx: StageContext) -> Selection:
+        return self._scorer.top_k(ctx)

@@ -163,7 +163,8 @@ class PruningEngine:
         hidden = hidden.masked_scatter(layout.visual[..., None], image_embeds.to(hidden.dtype))
 
         cache = DynamicCache(config=adapter.decoder.config)
-        sample_keys = [zlib.crc32(ids[keep].cpu().numpy().tobytes()) for ids, keep in zip(input_ids, layout.valid)]
+        # per-sample seeds for methods' generators (a host copy of the ids: only when a stage runs)
+        sample_keys = [zlib.crc32(ids[keep].cpu().numpy().tobytes()) for ids, keep in zip(input_ids, layout.valid)] if stages else []
         num_layers = adapter.num_layers
         visual_tokens = torch.zeros(len(layout.n_visual), num_layers, dtype=torch.long, device=self.device)
         groups: list[Group] = []

@@ -11,8 +11,8 @@ Merged tokens are built in vision-feature space and projected with the model's p
 Budget K counts every token the LLM sees: K = CLS + dominant patches + contextual. Published
 splits (dominant incl. CLS + contextual): 64 = 54+10, 128 = 108+20, 192 = 162+30, i.e.
 contextual = round(5K/32); the same ratio derives the split for any other K.
-The engine appends merged tokens after the kept patches, so CLS sits after the dominant patches
-(officially it leads them); positions are re-indexed as in the official LLaVA path.
+The LLM sees [CLS, dominant patches in patch order, contextual tokens], as officially; positions
+are re-indexed as in the official LLaVA path.
 """
 
 from __future__ import annotations
@@ -91,14 +91,12 @@ class VisionZip(Method):
             )
         scores = ctx.cls_attention(self.layer).sum(1)  # (B, N)
         dominant = scores.topk(ctx.uniform_keep, dim=-1).indices
-        extra = []
-        if stage.cls:
-            extra.append(hidden[:, :1])
+        leading = ctx.project(hidden[:, :1]) if stage.cls else None  # CLS leads, as officially
+        merged = None
         if stage.contextual:
             keys = ctx.vision_keys(self.layer).mean(1)[:, 1:]  # (B, N, d) head-averaged, as officially
-            extra.append(merge_contextual(patches, keys, dominant, stage.contextual))
-        merged = ctx.project(torch.cat(extra, dim=1)) if extra else None
-        return Selection(keep=dominant, merged=merged)
+            merged = ctx.project(merge_contextual(patches, keys, dominant, stage.contextual))
+        return Selection(keep=dominant, merged=merged, leading=leading)
 
 
 def merge_contextual(features: torch.Tensor, keys: torch.Tensor, dominant: torch.Tensor, n_ctx: int) -> torch.Tensor:

@@ -195,7 +195,7 @@ class PruningEngine:
                     )
                     selection = method.select(ctx)
                     keep = normalise_keep(selection.keep, layout.n_visual, ctx.keep, method.name)
-                    layout, hidden = layout.prune(hidden, keep, selection.merged, method.positions)
+                    layout, hidden = layout.prune(hidden, keep, selection.merged, method.positions, selection.leading)
                 new_group = True
             if index < 0:
                 continue

@@ -61,11 +61,13 @@ class Selection:
     ``keep``: indices into the sample's current visual tokens (0..n-1), one row per sample
     (a ``(B, k)`` tensor, or a list of 1-D tensors when counts differ); any order, the engine
     restores the original order. ``merged``: optional ``(B, m, D)`` tokens the method built
-    (e.g. VisionZip's contextual tokens), placed after the kept visual tokens.
+    (e.g. VisionZip's contextual tokens), placed after the kept visual tokens; ``leading``:
+    the same, placed before them (e.g. VisionZip's CLS token).
     """
 
     keep: torch.Tensor | list[torch.Tensor]
     merged: torch.Tensor | None = None
+    leading: torch.Tensor | None = None
 
 
 @dataclass(kw_only=True)

@@ -50,37 +50,51 @@ class TokenLayout:
         keep: list[torch.Tensor],
         merged: torch.Tensor | None,
         policy: PositionPolicy,
+        leading: torch.Tensor | None = None,
     ) -> tuple[TokenLayout, torch.Tensor]:
-        """Keep ``keep[b]`` (indices into sample b's visual tokens) and put ``merged`` after them.
+        """Keep ``keep[b]`` (indices into sample b's visual tokens), put ``leading`` before them and
+        ``merged`` after them.
 
         Returns the new layout and the gathered hidden states. Text tokens are never dropped.
-        Merged tokens count as visual (``visual_id == MERGED``) and take the position id of the
-        image span's last slot.
+        Built tokens count as visual (``visual_id == MERGED``); under the "original" position
+        policy they take the position id of the image span's first (leading) or last (merged) slot.
         """
         batch, seq_len, width = hidden.shape
-        n_merged = 0 if merged is None else merged.shape[1]
         slots = self.visual_positions()
-        # Flat source: every (sample, slot) of `hidden`, then every merged token.
-        source = hidden.reshape(batch * seq_len, width)
-        source_id = self.visual_id.flatten()
-        source_pos = self.positions.flatten()
-        if n_merged:
-            source = torch.cat([source, merged.reshape(batch * n_merged, width).to(hidden.dtype)])
-            source_id = torch.cat([source_id, source_id.new_full((batch * n_merged,), MERGED)])
-            last_pos = torch.stack([self.positions[b, slots[b][-1]] for b in range(batch)])
-            source_pos = torch.cat([source_pos, last_pos.repeat_interleave(n_merged)])
+        # Flat source: every (sample, slot) of `hidden`, then each block of built tokens.
+        source = [hidden.reshape(batch * seq_len, width)]
+        source_id = [self.visual_id.flatten()]
+        source_pos = [self.positions.flatten()]
+        offsets = {}  # block -> (start in the flat source, tokens per sample)
+        start = batch * seq_len
+        for name, block, edge in (("leading", leading, 0), ("merged", merged, -1)):
+            if block is None or block.shape[1] == 0:
+                continue
+            n = block.shape[1]
+            offsets[name] = (start, n)
+            start += batch * n
+            source.append(block.reshape(batch * n, width).to(hidden.dtype))
+            source_id.append(source_id[0].new_full((batch * n,), MERGED))
+            source_pos.append(torch.stack([self.positions[b, slots[b][edge]] for b in range(batch)]).repeat_interleave(n))
+        source, source_id, source_pos = torch.cat(source), torch.cat(source_id), torch.cat(source_pos)
 
         rows = []
         for b in range(batch):
             keep_slot = self.valid[b] & ~self.visual[b]
             keep_slot[slots[b][keep[b]]] = True
             kept = keep_slot.nonzero().flatten()
-            order = kept + b * seq_len
-            if n_merged:
-                cut = int((kept <= slots[b][-1]).sum())
-                extra = torch.arange(n_merged, device=order.device) + batch * seq_len + b * n_merged
-                order = torch.cat([order[:cut], extra, order[cut:]])
-            rows.append(order)
+            before = int((kept < slots[b][0]).sum())  # text ahead of the image span
+            after = int((kept <= slots[b][-1]).sum())  # ... and the kept visual tokens
+            parts = [kept[:before] + b * seq_len]
+            if "leading" in offsets:
+                first, n = offsets["leading"]
+                parts.append(torch.arange(n, device=kept.device) + first + b * n)
+            parts.append(kept[before:after] + b * seq_len)
+            if "merged" in offsets:
+                first, n = offsets["merged"]
+                parts.append(torch.arange(n, device=kept.device) + first + b * n)
+            parts.append(kept[after:] + b * seq_len)
+            rows.append(torch.cat(parts))
 
         new_len = max(len(r) for r in rows)
         index = torch.zeros(batch, new_len, dtype=torch.long, device=hidden.device)

@@ -69,10 +69,12 @@ class TwoStage(Method):
 @register_method
 @dataclass(kw_only=True)
 class MergeRest(Method):
-    """Test method: keep a strided set and append the mean of the dropped tokens as one token."""
+    """Test method: keep a strided set and add the mean of the dropped tokens as one token,
+    after the kept ones (or before them with ``lead``)."""
 
     name: ClassVar[str] = "test-merge"
     stage: ClassVar[str] = "pre"
+    lead: bool = False
 
     def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
         return [Stage(PRE_LLM, budget.resolve(n_visual) - 1)]
@@ -86,7 +88,8 @@ class MergeRest(Method):
             dropped[kept] = False
             keep.append(kept)
             merged.append(visual[b, dropped].mean(0, keepdim=True))
-        return Selection(keep=keep, merged=torch.stack(merged))
+        built = torch.stack(merged)
+        return Selection(keep=keep, leading=built) if self.lead else Selection(keep=keep, merged=built)
 
 
 @register_method

@@ -41,15 +41,34 @@ def test_two_stages_equal_slow_reference(tiny, engine, batch, positions):
     assert all(len(p) == 48 for p in gen.kept_patches)
 
 
-def test_merged_tokens_enter_after_the_kept_ones(tiny, engine, batch):
-    """A merged token is one more visual token: same answers as feeding it by hand."""
+@pytest.mark.parametrize("lead", [False, True])
+def test_built_tokens_enter_after_or_before_the_kept_ones(tiny, engine, batch, lead):
+    """A built token is one more visual token: the first logits equal the LLM fed by hand with
+    [text, kept patches, built token, text] (or the built token first), and batch = each alone."""
     model, processor = tiny
-    gen = run(engine, batch, create_method("test-merge"), budget=65, max_new_tokens=STEPS)
+    spec = f"test-merge:lead={lead}"
+    gen = run(engine, batch, create_method(spec), budget=65, max_new_tokens=STEPS)
     assert gen.visual_tokens.tolist() == [[65] * 4] * 3
-    assert all(len(p) == 64 for p in gen.kept_patches)  # the merged token has no patch id
+    assert all(len(p) == 64 for p in gen.kept_patches)  # the built token has no patch id
+    lm = model.model.language_model
+    kept = pattern(576, 64)
+    dropped = torch.ones(576, dtype=torch.bool)
+    dropped[kept] = False
     for b in range(3):
-        alone = run(engine, single(processor, b), create_method("test-merge"), budget=65, max_new_tokens=STEPS)
+        inputs = single(processor, b)
+        alone = run(engine, inputs, create_method(spec), budget=65, max_new_tokens=STEPS)
         assert alone.tokens[0] == gen.tokens[b]
+        ids = inputs["input_ids"][0]
+        with torch.no_grad():
+            image = model.model.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
+                                                   vision_feature_select_strategy="default").pooler_output[0]
+            built = image[dropped].mean(0, keepdim=True)
+            visual = [built, image[kept]] if lead else [image[kept], built]
+            slots = (ids == model.config.image_token_id).nonzero().flatten()
+            text = lm.embed_tokens(ids)
+            embeds = torch.cat([text[: slots[0]], *visual, text[slots[-1] + 1 :]])[None]
+            logits = model.lm_head(lm(inputs_embeds=embeds).last_hidden_state[:, -1])[0]  # already normed
+        torch.testing.assert_close(gen.logits[0][b], logits, atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")

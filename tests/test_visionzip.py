@@ -97,17 +97,18 @@ def test_equals_slow_reference_from_eager_clip(tiny, engine, batch, eager_vision
         dominant, merged = slow_visionzip(attn[b], hidden[b], keys[b], n_dominant, n_ctx, cls)
         assert gen.kept_patches[b] == dominant
         assert len(dominant) == n_dominant
+        built = [t for t in (selection.leading, selection.merged) if t is not None]  # CLS leads
         if merged:
             with torch.no_grad():
                 expected = eager.model.multi_modal_projector(torch.stack(merged))
-            torch.testing.assert_close(selection.merged[b], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.cat(built, dim=1)[b], expected, atol=1e-5, rtol=1e-5)
         else:
-            assert selection.merged is None
+            assert not built
 
 
-def test_llm_sees_kept_patches_then_cls_then_contextual(tiny, engine, batch, eager_vision):
-    """End to end: the first logits equal the LLM run by hand on [text, kept patches, CLS,
-    contextual tokens, text] with contiguous positions."""
+def test_llm_sees_cls_then_kept_patches_then_contextual(tiny, engine, batch, eager_vision):
+    """End to end: the first logits equal the LLM run by hand on [text, CLS, kept patches,
+    contextual tokens, text] with contiguous positions (the official order)."""
     model, processor = tiny
     _, attn, hidden, keys = eager_vision
     gen = run(engine, batch, create_method("visionzip"), budget=64, max_new_tokens=1)
@@ -121,7 +122,7 @@ def test_llm_sees_kept_patches_then_cls_then_contextual(tiny, engine, batch, eag
             extra = model.model.multi_modal_projector(torch.stack(merged))
             image = (ids == model.config.image_token_id).nonzero().flatten()
             text = lm.embed_tokens(ids)
-            embeds = torch.cat([text[: image[0]], patches, extra, text[image[-1] + 1 :]])[None]
+            embeds = torch.cat([text[: image[0]], extra[:1], patches, extra[1:], text[image[-1] + 1 :]])[None]
             out = lm(inputs_embeds=embeds)
             logits = model.lm_head(out.last_hidden_state[:, -1])[0]
         torch.testing.assert_close(gen.logits[0][b], logits, atol=1e-4, rtol=0)

@@ -158,3 +158,16 @@ def test_an_uncached_hub_dataset_fails_fast_with_what_to_do(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "not in the local cache" in err and "HF_HOME" in err and "--task-data gqa=" in err
     assert not list(tmp_path.glob("*/*/*.json"))
+
+
+def test_batched_run_gives_the_answers_of_batch_one(tmp_path, pope_file):
+    """--batch-size 3 (left padded through lmms-eval) = --batch-size 1, sample by sample."""
+    outputs = {}
+    for size in ("1", "3"):
+        args = run_args(tmp_path / size, pope_file, "--batch-size", size)
+        args[args.index("--limit") + 1] = "6"
+        assert main(args) == 0
+        store = ResultStore(tmp_path / size)
+        outputs[size] = {(r.key.method, r.key.budget): [(s["doc_id"], s["output"]) for s in store.samples(r.key)]
+                         for r in store.records()}
+    assert outputs["1"] == outputs["3"] and len(outputs["1"]) == 2

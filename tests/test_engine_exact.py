@@ -65,3 +65,26 @@ def test_sampling_is_seeded(engine, batch):
     assert cold.tokens == greedy.tokens
     topk1 = run(engine, batch, None, do_sample=True, seed=3, top_k=1, max_new_tokens=8)
     assert topk1.tokens == greedy.tokens
+
+
+def test_score_continuation_equals_the_models_own_logprobs(tiny, engine):
+    """Keep-all loglikelihood (lmms-eval's loglikelihood requests) = log-softmax of the model's own
+    forward over prompt + continuation; pruning sees the prompt only."""
+    model, processor = tiny
+    inputs = single(processor, 0)
+    target = processor.tokenizer("red circle", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    logprobs, greedy, visual = engine.score_continuation(
+        inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], target)
+    ids = torch.cat([inputs["input_ids"], target[None]], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"]).logits
+    n = inputs["input_ids"].shape[1]
+    expected = logits[0, n - 1 : n - 1 + len(target)].float().log_softmax(-1)
+    torch.testing.assert_close(logprobs, expected[torch.arange(len(target)), target], atol=1e-4, rtol=0)
+    assert greedy == bool((expected.argmax(-1) == target).all())
+    assert visual.tolist() == [[576] * 4]
+    # with pruning, the continuation is scored on the pruned prompt (a different but finite answer)
+    pruned, _, visual = engine.score_continuation(
+        inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], target,
+        method=create_method("random"), budget=64)
+    assert visual.tolist() == [[64] * 4] and torch.isfinite(pruned).all()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import make_images
 
 from prunebench.cli import main
 from prunebench.results import ResultStore
@@ -171,3 +172,28 @@ def test_batched_run_gives_the_answers_of_batch_one(tmp_path, pope_file):
         outputs[size] = {(r.key.method, r.key.budget): [(s["doc_id"], s["output"]) for s in store.samples(r.key)]
                          for r in store.records()}
     assert outputs["1"] == outputs["3"] and len(outputs["1"]) == 2
+
+
+def test_loglikelihood_requests_score_the_continuation_on_the_engine(tiny, engine):
+    """lmms-eval's loglikelihood path: the summed log-probability of the continuation after the
+    pruned prompt, and whether greedy decoding would produce it."""
+    from lmms_eval.api.instance import Instance
+
+    from prunebench.budget import Budget
+    from prunebench.lmms_bridge import PrunedVLM
+    from prunebench.method import create_method
+
+    _, processor = tiny
+    image = make_images(1)[0]
+    lm = PrunedVLM(engine, processor, create_method("random"), Budget.parse(64))
+    lm.task_dict = {"t": {"test": [{"image": image}]}}
+    request = Instance(request_type="loglikelihood", idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1},
+                       arguments=("is there a red circle ?", "yes", lambda doc: [doc["image"]], 0, "t", "test"))
+    ((total, greedy),) = lm.loglikelihood([request])
+    inputs = processor(images=[image], text=[lm._prompt("is there a red circle ?")], return_tensors="pt")
+    target = processor.tokenizer("yes", add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    logprobs, expected_greedy, _ = engine.score_continuation(
+        inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], target,
+        method=create_method("random"), budget=64)
+    assert total == pytest.approx(float(logprobs.sum()), abs=1e-5) and greedy == expected_greedy
+    assert lm.stats[("t", 0)].visual_tokens == [64] * 4

@@ -75,7 +75,7 @@ class DART(Method):
             image_pivots = norms[b, slots].topk(self.pivot_image).indices
             text_pivots = after[norms[b, after].topk(self.pivot_text).indices]
             pivots = torch.cat([slots[image_pivots], text_pivots])
-            picks = self._least_similar(states[b], pivots, slots, image_pivots, ctx.layout.positions[b], k)
+            picks = self._least_similar(states[b], pivots, slots, image_pivots, ctx.layout.order[b], k)
             keep.append(torch.cat([image_pivots, picks]))
         return Selection(keep=keep)
 

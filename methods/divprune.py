@@ -35,7 +35,10 @@ class DivPrune(Method):
 
     def select(self, ctx: StageContext) -> Selection:
         features = ctx.image_embeds if self.space == "projected" else ctx.vision_features
-        return Selection(keep=max_min_diverse(features, ctx.uniform_keep))
+        if len(set(ctx.n_visual)) == 1 and len(set(ctx.keep)) == 1:
+            return Selection(keep=max_min_diverse(features, ctx.uniform_keep))
+        # images of different token counts (LLaVA-NeXT, Qwen2-VL): one image at a time
+        return Selection(keep=[max_min_diverse(features[b : b + 1, :n], k)[0] for b, (n, k) in enumerate(zip(ctx.n_visual, ctx.keep))])
 
 
 def cosine_distance(features: torch.Tensor) -> torch.Tensor:

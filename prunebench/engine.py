@@ -98,10 +98,13 @@ class PruningEngine:
         decode: DecodeConfig | None = None,
         return_logits: bool = False,
         clock: StageClock | None = None,
+        image_inputs: dict[str, torch.Tensor] | None = None,
     ) -> Generation:
+        """``image_inputs``: the processor outputs the backbone needs besides pixels
+        (``adapter.image_keys``: ``image_sizes`` for LLaVA-NeXT, ``image_grid_thw`` for Qwen2-VL)."""
         decode = decode or DecodeConfig()
         clock = clock or StageClock(self.device)
-        state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock)
+        state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock, image_inputs)
         tokens, logits = self.decode(state, decode, clock, return_logits)
         texts = self._texts(tokens, decode.stop) if self.tokenizer is not None else None
         kept = [row[row >= 0].tolist() for row in state.layout.visual_id]
@@ -124,6 +127,7 @@ class PruningEngine:
         method: Method | None = None,
         budget: Budget | str | int = "all",
         clock: StageClock | None = None,
+        image_inputs: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, bool, torch.Tensor]:
         """Log-probabilities of ``target`` (1-D ids) after the prompt, teacher-forced through the
         same pruned prefill and KV cache as generation (pruning sees the prompt only, never the
@@ -132,7 +136,7 @@ class PruningEngine:
         if input_ids.shape[0] != 1:
             raise ValueError("score_continuation takes one prompt at a time")
         clock = clock or StageClock(self.device)
-        state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock)
+        state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock, image_inputs)
         logits, logprobs, greedy = state.logits, [], True
         for i, token in enumerate(target.tolist()):
             logprobs.append(logits.float().log_softmax(-1)[0, token])
@@ -150,17 +154,21 @@ class PruningEngine:
         method: Method | None,
         budget: Budget,
         clock: StageClock,
+        image_inputs: dict[str, torch.Tensor] | None = None,
     ) -> Prefill:
         adapter = self.adapter
-        layout = TokenLayout.from_inputs(attention_mask, input_ids == adapter.image_token_id)
+        image_inputs = adapter.image_inputs(image_inputs or {})
+        positions = adapter.positions(input_ids, attention_mask, **image_inputs)
+        layout = TokenLayout.from_inputs(attention_mask, input_ids == adapter.image_token_id, positions)
         stages = self._schedule(method, budget, layout.n_visual)
 
         with clock("vision"):
-            vision = adapter.encode_images(pixel_values)
-            image_embeds = adapter.project(vision.features)
+            vision = adapter.encode_images(pixel_values, **image_inputs)
+            image_embeds = adapter.embed_images(vision)
         hidden = adapter.embed(input_ids)
-        self._check_image_tokens(layout, image_embeds)
-        hidden = hidden.masked_scatter(layout.visual[..., None], image_embeds.to(hidden.dtype))
+        self._check_image_tokens(layout, vision.counts)
+        packed = torch.cat([image_embeds[b, :n] for b, n in enumerate(vision.counts)])
+        hidden = hidden.masked_scatter(layout.visual[..., None], packed.to(hidden.dtype))
 
         cache = DynamicCache(config=adapter.decoder.config)
         # per-sample seeds for methods' generators (a host copy of the ids: only when a stage runs)
@@ -201,7 +209,7 @@ class PruningEngine:
                 continue
             with clock("prefill"):
                 if new_group:
-                    group = Group(index, layout.valid.clone(), _next_position(layout), padded=not bool(layout.valid.all()))
+                    group = Group(index, layout.valid.clone(), layout.next_position(), padded=not bool(layout.valid.all()))
                     groups.append(group)
                     mask = _prefill_mask(layout.valid) if group.padded else None
                     position_embeddings = adapter.decoder.rotary_emb(hidden, layout.positions)
@@ -214,7 +222,7 @@ class PruningEngine:
                     hidden,
                     attention_mask=mask,
                     position_embeddings=position_embeddings,
-                    position_ids=layout.positions,
+                    position_ids=_text_positions(layout.positions),
                     past_key_values=cache,
                     use_cache=True,
                 )
@@ -262,7 +270,7 @@ class PruningEngine:
                 hidden,
                 attention_mask=masks[g],
                 position_embeddings=rotary[g],
-                position_ids=state.groups[g].next_position[:, None] - 1,
+                position_ids=None if state.layout.multimodal else state.groups[g].next_position[:, None] - 1,
                 past_key_values=state.cache,
                 use_cache=True,
             )
@@ -297,12 +305,13 @@ class PruningEngine:
                 raise MethodError(f"method {method.name!r}: schedule {stages} for {n} tokens must keep 1..{n}, non-increasing")
         return [list(row) for row in zip(*per_sample)]
 
-    def _check_image_tokens(self, layout: TokenLayout, image_embeds: torch.Tensor) -> None:
+    def _check_image_tokens(self, layout: TokenLayout, image_counts: list[int]) -> None:
         counts = layout.n_visual
-        if any(c != image_embeds.shape[1] for c in counts) or len(counts) != image_embeds.shape[0]:
+        if counts != image_counts:
             raise ValueError(
-                f"each prompt needs exactly one image of {image_embeds.shape[1]} tokens; got image-token "
-                f"counts {counts} for {image_embeds.shape[0]} images (multi-image prompts are not supported yet)"
+                f"each prompt needs exactly one image, with one image token per visual token; got image-token "
+                f"counts {counts} for {len(image_counts)} images of {image_counts} tokens (multi-image prompts "
+                "are not supported yet)"
             )
 
     def _hit_stop(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
@@ -329,8 +338,10 @@ def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
 
 
-def _next_position(layout: TokenLayout) -> torch.Tensor:
-    return layout.positions.masked_fill(~layout.valid, -1).max(-1).values + 1
+def _text_positions(positions: torch.Tensor) -> torch.Tensor | None:
+    """The ``position_ids`` a decoder layer takes (for FlashAttention's packing checks): the 1-D
+    ids, or None under M-RoPE, as Qwen2-VL's own text model passes for unpacked inputs."""
+    return positions if positions.dim() == 2 else None
 
 
 def _as_set(eos: int | list[int] | None) -> set[int]:

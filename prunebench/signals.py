@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from prunebench.adapters import LlavaAdapter, VisionOutput
+from prunebench.adapters import Adapter, VisionOutput
 from prunebench.method import MethodError, Stage
 from prunebench.sequence import TokenLayout
 
@@ -30,7 +30,7 @@ class StageContext:
         *,
         stage: Stage,
         keep: list[int],
-        adapter: LlavaAdapter,
+        adapter: Adapter,
         vision: VisionOutput,
         image_embeds: torch.Tensor,
         layout: TokenLayout,
@@ -127,7 +127,10 @@ class StageContext:
     # -- vision signals ---------------------------------------------------------------------
     @property
     def vision_features(self) -> torch.Tensor:
-        """``(B, N, d_v)`` vision tower features before the projector, all original patches."""
+        """``(B, n_max, d_v)`` vision features before the projector, one row per original visual
+        token (Qwen2-VL: the 2x2 merged patches side by side, ``4 * d_v``)."""
+        if self._vision.features is None:
+            raise MethodError(f"vision features are not available on this backbone: {self._vision.no_features}")
         return self._vision.features
 
     @property
@@ -142,21 +145,25 @@ class StageContext:
 
     def vision_hidden(self, layer: int) -> torch.Tensor:
         """``(B, T, d_v)`` vision tower hidden states entering encoder layer ``layer``."""
+        self._require_tower_signals("vision-tower hidden states")
         return self._vision.hidden_states[layer]
 
     def cls_attention(self, layer: int = -2) -> torch.Tensor:
         """``(B, H, N)`` attention of the CLS query to each patch inside vision encoder ``layer``."""
+        self._require_tower_signals("CLS attention")
         if self._vision.patch_offset != 1:
-            raise MethodError("this vision tower has no CLS token")
+            raise MethodError("this vision tower has no CLS token (vision_feature_select_strategy is not 'default')")
         probs = self._adapter.vision_attention(self._vision, layer, rows=torch.tensor([0]))
         return probs[:, :, 0, 1:]
 
     def vision_attention(self, layer: int) -> torch.Tensor:
         """``(B, H, T, T)`` full attention probabilities inside vision encoder ``layer``."""
+        self._require_tower_signals("vision-tower attention")
         return self._adapter.vision_attention(self._vision, layer)
 
     def vision_keys(self, layer: int) -> torch.Tensor:
         """``(B, H, T, d)`` keys inside vision encoder ``layer`` (T counts the CLS token)."""
+        self._require_tower_signals("vision-tower keys")
         return self._adapter.vision_keys(self._vision, layer)
 
     # -- LLM signals ------------------------------------------------------------------------
@@ -230,8 +237,14 @@ class StageContext:
         return torch.matmul(q, k.transpose(-1, -2))[:, 0] * attn.scaling
 
     # -- helpers ----------------------------------------------------------------------------
+    def _require_tower_signals(self, what: str) -> None:
+        if self._vision.no_tower_signals is not None:
+            raise MethodError(f"{what} is not available on this backbone: {self._vision.no_tower_signals}")
+
     def _rotary(self, like: torch.Tensor, slots: torch.Tensor | None = None):
-        positions = self.layout.positions if slots is None else self.layout.positions.gather(1, slots)
+        """cos/sin of the decoder's own rotary embedding (M-RoPE sections included) at the
+        position ids of all slots, or of ``slots``."""
+        positions = self.layout.positions if slots is None else self.layout.positions_at(slots)
         return self._adapter.decoder.rotary_emb(like, positions)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -46,24 +46,46 @@ def assert_keep_all_is_generate(model, engine, batch, method) -> None:
     assert gen.visual_tokens.tolist() == [[576] * engine.adapter.num_layers] * batch["input_ids"].shape[0]
 
 
+def prompt_of(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt's LLM input embeddings ``(S, D)`` and position ids ``(P, S)`` (P = 3 under
+    Qwen2-VL's M-RoPE), from the model's own image features and rope index."""
+    inner = model.model
+    ids = inputs["input_ids"][0]
+    kind = type(model).__name__
+    if kind == "LlavaForConditionalGeneration":
+        feats = inner.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
+                                         vision_feature_select_strategy="default").pooler_output[0]
+        positions = torch.arange(len(ids))[None]
+    elif kind == "LlavaNextForConditionalGeneration":
+        feats = torch.cat(list(inner.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], vision_feature_layer=-2,
+            vision_feature_select_strategy="default").pooler_output))
+        positions = torch.arange(len(ids))[None]
+    else:  # Qwen2-VL family
+        feats = torch.cat(list(inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output))
+        positions = inner.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])[0][:, 0]
+    prompt = inner.language_model.embed_tokens(ids)
+    prompt[ids == model.config.image_token_id] = feats
+    return prompt, positions
+
+
 def slow_reference(model, inputs, stages, policy, steps=STEPS):
     """Greedy decoding with no KV cache, one prompt: every step re-runs the whole sequence,
     dropping visual tokens before the stage layers. ``stages``: [(layer or -1, kept indices into
-    the visual tokens still present)]."""
-    inner = model.model
-    lm = inner.language_model
+    the visual tokens still present)]. Generated tokens continue from the prompt's largest
+    position id + 1. "reindex": contiguous ids; under M-RoPE each run of text continues from the
+    token before it and kept image tokens keep their offsets from the image's start id."""
+    lm = model.model.language_model
     ids = inputs["input_ids"][0]
-    feats = inner.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
-                                     vision_feature_select_strategy="default").pooler_output[0]
-    prompt = lm.embed_tokens(ids)
-    prompt[ids == model.config.image_token_id] = feats
+    prompt, prompt_positions = prompt_of(model, inputs)
     is_visual = ids == model.config.image_token_id
     generated, all_logits = [], []
     for _ in range(steps):
         extra = lm.embed_tokens(torch.tensor(generated, dtype=torch.long))
         hidden = torch.cat([prompt, extra])[None]
         visual = torch.cat([is_visual, torch.zeros(len(generated), dtype=torch.bool)])
-        positions = torch.arange(hidden.shape[1])
+        after = prompt_positions.max() + 1 + torch.arange(len(generated))
+        positions = torch.cat([prompt_positions, after.expand(len(prompt_positions), -1)], dim=1)
         todo = list(stages)
         for layer_index in range(-1, len(lm.layers)):
             if todo and todo[0][0] == layer_index:
@@ -71,17 +93,40 @@ def slow_reference(model, inputs, stages, policy, steps=STEPS):
                 slots = visual.nonzero().flatten()
                 keep = ~visual
                 keep[slots[kept]] = True
-                hidden, visual, positions = hidden[:, keep], visual[keep], positions[keep]
+                hidden, visual, positions = hidden[:, keep], visual[keep], positions[:, keep]
                 if policy == "reindex":
-                    positions = torch.arange(hidden.shape[1])
+                    positions = reindexed(positions, visual)
             if layer_index < 0:
                 continue
-            rotary = lm.rotary_emb(hidden, positions[None])
+            rotary = lm.rotary_emb(hidden, positions[:, None] if len(positions) == 3 else positions)
             hidden = lm.layers[layer_index](hidden, attention_mask=None, position_embeddings=rotary)
         logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
         all_logits.append(logits)
         generated.append(int(logits.argmax()))
     return generated, torch.stack(all_logits)
+
+
+def reindexed(positions: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """(P, S) ids after "reindex", written the slow way, token by token."""
+    if len(positions) == 1:
+        return torch.arange(positions.shape[1])[None]
+    out = positions.clone()
+    # image runs: offsets from the run's smallest id, shifted to continue the text before them
+    i, cursor = 0, 0
+    while i < positions.shape[1]:
+        if visual[i]:
+            j = i
+            while j < positions.shape[1] and visual[j]:
+                j += 1
+            run = positions[:, i:j]
+            out[:, i:j] = run - run.min() + cursor
+            cursor = int(out[:, i:j].max()) + 1
+            i = j
+        else:
+            out[:, i] = cursor
+            cursor += 1
+            i += 1
+    return out
 
 
 @dataclass
@@ -199,3 +244,54 @@ def assert_batch_equals_each_alone(engine, processor, batch, method: str | Metho
         assert alone.visual_tokens[0].tolist() == together.visual_tokens[b].tolist()
         torch.testing.assert_close(alone.logits[0][0], together.logits[0][b], atol=1e-4, rtol=0)
     return together
+
+
+# -- every method on every backbone ----------------------------------------------------------------
+NO_FEATURES = "vision features are not available on this backbone"
+NEXT_REFUSES = {  # LLaVA-NeXT: newline tokens have no vision feature; CLIP runs per crop
+    "divprune:space=vision": NO_FEATURES,
+    "visionzip": "not available on this backbone: LLaVA-NeXT",
+    "autoselect": NO_FEATURES,
+    "gumbel": NO_FEATURES,
+}
+QWEN_REFUSES = {"visionzip": "no CLS token"}  # Qwen2-VL's vision tower has no CLS token
+MIXED_BATCH_REFUSES = {"sparsevlm": "recycling needs the same schedule"}  # v1.5 recycles per batch
+
+
+def assert_every_method_runs_or_refuses(backbone, tmp_path, vision_width: int) -> None:
+    """Every registered method, at budget 50% on the backbone's batch of differently sized images,
+    either runs (each sample's last layers see at most half its tokens, plus built ones) or
+    raises a MethodError naming why. The list must cover the registry."""
+    import pytest
+
+    from prunebench.method import MethodError, available_methods
+    from prunebench.selectors import build_selector, save_selector
+
+    torch.manual_seed(0)
+    for kind in ("autoselect", "gumbel"):
+        save_selector(tmp_path / kind, build_selector(kind, vision_width=vision_width, **({"n_tokens": 16} if kind == "gumbel" else {})))
+    specs = ["none", "random", "divprune", "divprune:space=vision", "fastv", "pyramiddrop:layers=1/2/3", "dart",
+             "sparsevlm:layers=0/1/2", "sparsevlm:layers=0/1/2,version=2.0,heads=2", "visionzip",
+             f"autoselect:ckpt={tmp_path / 'autoselect'}", f"gumbel:ckpt={tmp_path / 'gumbel'}"]
+    registered = {name for name in available_methods() if not name.startswith("test-")}
+    assert registered <= {spec.partition(":")[0] for spec in specs}, "a registered method has no backbone check"
+    refuses = NEXT_REFUSES if backbone.name == "llava-next" else QWEN_REFUSES
+    n = (backbone.batch["input_ids"] == backbone.model.config.image_token_id).sum(-1)
+    for spec in specs:
+        reason = refuses.get(spec.partition(":ckpt")[0])
+        if reason is not None:
+            with pytest.raises(MethodError, match=reason):
+                run(backbone.engine, backbone.batch, create_method(spec), budget="50%", max_new_tokens=2)
+            continue
+        inputs, counts = backbone.batch, n
+        try:
+            gen = run(backbone.engine, inputs, create_method(spec), budget="50%", max_new_tokens=2)
+        except MethodError as err:  # allowed only where a mixed batch cannot be served at once
+            assert spec.partition(":")[0] in MIXED_BATCH_REFUSES and "version=2.0" not in spec, (spec, err)
+            assert MIXED_BATCH_REFUSES[spec.partition(":")[0]] in str(err)
+            inputs, counts = backbone.single(0), n[:1]
+            gen = run(backbone.engine, inputs, create_method(spec), budget="50%", max_new_tokens=2)
+        assert all(len(row) == 2 for row in gen.tokens), spec
+        if spec != "none":
+            last = gen.visual_tokens[:, -1]
+            assert (last < counts).all() and (last >= 1).all(), (spec, last.tolist(), counts.tolist())

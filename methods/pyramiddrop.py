@@ -19,7 +19,9 @@ How many survive each stage (``N`` image tokens, ``L = num_layers`` decoder laye
   geometric ones (always on LLaVA-1.5's 8/16/24 of 32). Layers before the
   first stage see all N tokens, so K >= (l1*N + L - l1) / L: 145 for the default stages; for
   K = 128 or 64 move the stages earlier (e.g. ``pyramiddrop:layers=2/6/12`` allows K >= 37).
-PyramidDrop's own 192/128/64 settings were never published.
+PyramidDrop's own 192/128/64 settings were never published. A stage at layer 0 ranks by layer 0's
+attention over the input embeddings; on shallow models (the built-in 4-layer one) that is what
+lets low budgets be met (``pyramiddrop:layers=0/1/2``).
 
 ``L`` is the model's decoder depth, which the engine hands to ``schedule``.
 """
@@ -48,8 +50,8 @@ class PyramidDrop(Method):
     positions: PositionPolicy = "reindex"
 
     def __post_init__(self) -> None:
-        if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 1:
-            raise MethodError(f"pyramiddrop: layers={self.layers} must be strictly increasing and >= 1")
+        if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
+            raise MethodError(f"pyramiddrop: layers={self.layers} must be strictly increasing and >= 0")
         if self.ratios is not None:
             if len(self.ratios) != len(self.layers):
                 raise MethodError(f"pyramiddrop: {len(self.ratios)} ratios for {len(self.layers)} stage layers")
@@ -60,7 +62,7 @@ class PyramidDrop(Method):
         if self.layers[-1] >= num_layers:
             raise MethodError(
                 f"pyramiddrop: stage layer {self.layers[-1]} is outside this {num_layers}-layer decoder; "
-                f"give layers within 1..{num_layers - 1} (e.g. pyramiddrop:layers=2/4/6 for 8 layers)"
+                f"give layers within 0..{num_layers - 1} (e.g. pyramiddrop:layers=2/4/6 for 8 layers)"
             )
         if budget.is_all and self.ratios is None:
             counts = [n_visual] * len(self.layers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -32,26 +33,30 @@ class ModelNotFoundError(UserError, FileNotFoundError):
 
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+# Lower-case words (the tokenizer lower-cases its input): LLaVA's roles, the built-in tasks'
+# questions and answers (tasks/synthetic.py), and some general words.
 WORDS = (
-    "USER ASSISTANT : . , ? ! ' a an the is are of in on to and or what which where how many "
+    "user assistant : . , ? ! ' a an the is are of in on to and or what which where how many "
     "color colour shape left right top bottom above below next there yes no red green blue yellow "
-    "purple orange black white gray pink brown circle square triangle star cross object objects "
-    "image picture word number text written read say does do any count answer question with "
-    "single one two three four five six seven eight nine ten zero describe this that it "
-    "small large big tiny please short phrase"
-).split()
+    "purple orange black white gray pink brown circle square triangle circles squares triangles star cross "
+    "object objects image picture word number text written read say does do any count answer question with "
+    "using single one two three four five six seven eight nine ten zero describe this that it "
+    "small large big tiny please short phrase "
+    "cat dog sun car bus box cup hat pen key map egg fox owl bee cow pig bat ant jar"
+).split() + [str(n) for n in range(10, 100)]
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789")
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a fixed vocabulary (no files, no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     vocab: dict[str, int] = {}
     for token in SPECIAL_TOKENS + WORDS + CHARACTERS:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
     )
@@ -150,17 +155,36 @@ MIDSIZE = TinyLlavaSpec(
     vision_width=256, vision_layers=4, vision_heads=4, text_width=1024, text_layers=8, text_heads=16,
     kv_heads=16, text_mlp=2816,
 )
+# The built-in trained model's geometry (prunebench/builtin.py trains it): LLaVA-1.5's 576 visual
+# tokens from 96-px images and 4-px patches; 3 CLIP layers so that the projector's input
+# (hidden_states[-2], as LLaVA-1.5) has two layers behind it; 4 decoder layers so FastV's default
+# K=2 fits.
+BUILTIN_SPEC = TinyLlavaSpec(
+    vision_width=64, vision_layers=3, vision_heads=4, image_size=96, patch_size=4, text_width=128,
+    text_layers=4, text_heads=4, kv_heads=2, text_mlp=512,
+)
 BUILTIN_RANDOM = {"random:tiny-llava": TinyLlavaSpec(), "random:mid-llava": MIDSIZE}
+ASSETS = Path(__file__).parent / "assets"
+# trained models shipped with prunebench (prunebench/builtin.py trains them)
+BUILTIN_TRAINED = {"builtin:tiny-llava": ASSETS / "tiny-llava"}
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
     """(model, processor) for ``random:tiny-llava``, a hub id, or a local directory."""
     torch_dtype = _dtype(dtype)
+    from prunebench import backbones  # LLaVA-NeXT and Qwen-VL: dispatched by the config's architecture
+
+    if backbones.handles(name):
+        return backbones.load(name, device, torch_dtype)
     if name in BUILTIN_RANDOM:
         model, processor = build_tiny_llava(BUILTIN_RANDOM[name])
         return model.to(device=device, dtype=torch_dtype), processor
+    if name in BUILTIN_TRAINED:
+        return load_builtin(name, device, torch_dtype)
+    if name.startswith("builtin:"):
+        raise ModelNotFoundError(f"unknown built-in model {name!r}; valid choices: {', '.join(BUILTIN_TRAINED)}")
     if name.startswith("random:"):
-        raise ModelNotFoundError(f"unknown random model {name!r}; valid choices: {', '.join(BUILTIN_RANDOM)}")
+        raise ModelNotFoundError(f"unknown random model {name!r}; valid choices: {', '.join([*BUILTIN_RANDOM, *backbones.BUILTIN])}")
     kwargs = {"local_files_only": True}
     try:
         model = LlavaForConditionalGeneration.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
@@ -176,6 +200,20 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     processor.tokenizer.padding_side = "left"
     return model.to(device).eval(), processor
+
+
+def load_builtin(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A trained model shipped in prunebench/assets; its tokenizer and processor are built in code
+    (the same as at training time), so loading needs no files beyond the weights and config."""
+    directory = BUILTIN_TRAINED[name]
+    if not (directory / "model.safetensors").is_file():
+        raise ModelNotFoundError(
+            f"{name}: no weights in {directory}; this install lacks the shipped model. Train it with "
+            f"`prunebench train tiny-llava --out {directory}` (about 40 minutes on 2 CPU cores)"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    return model.to(device).eval(), build_processor(build_tokenizer(), BUILTIN_SPEC)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -58,7 +58,7 @@ class CheckpointError(MethodError):
 def train_hint(kind: str) -> str:
     return (
         f"train one with `prunebench train {kind} --model MODEL --data DATA --out DIR` "
-        f"(e.g. --model random:tiny-llava --data synthetic for a smoke run)"
+        f"(e.g. --model builtin:tiny-llava --data synthetic)"
     )
 
 
@@ -436,17 +436,25 @@ def check_vision_width(record: dict[str, Any], width: int, directory: str | Path
         )
 
 
+def shipped_checkpoint(kind: str) -> Path:
+    """Where the checkpoint trained for the built-in tiny LLaVA ships."""
+    from prunebench.models import ASSETS
+
+    return ASSETS / f"{kind}-tiny-llava"
+
+
 class CheckpointScorer:
     """What a method holds: a checkpoint checked at creation (config and weight header, before any
     model runs), loaded on first use onto the features' device, refused for another vision width."""
 
     def __init__(self, kind: str, ckpt: str | None):
-        if not ckpt:
+        self.shipped = not ckpt  # no ckpt: the checkpoint shipped for builtin:tiny-llava
+        self.kind, self.directory = kind, Path(ckpt) if ckpt else shipped_checkpoint(kind)
+        if self.shipped and not (self.directory / "config.json").is_file():
             raise CheckpointError(
                 f"{kind} needs a trained checkpoint: pass {kind}:ckpt=DIR; {train_hint(kind)}. "
-                "(No built-in default checkpoint exists yet.)"
+                f"(This install lacks the one shipped for builtin:tiny-llava, {self.directory}.)"
             )
-        self.kind, self.directory = kind, Path(ckpt)
         self.record = read_config(self.directory, kind)
         with torch.device("meta"):  # shapes only, no memory
             check_weights(self.directory, build_from_record(self.record, self.directory))
@@ -455,6 +463,12 @@ class CheckpointScorer:
     def module(self, device: torch.device, vision_width: int) -> nn.Module:
         key = (str(device), vision_width)
         if self._loaded is None or self._loaded[0] != key:
+            if self.shipped and self.record["config"]["vision_width"] != vision_width:
+                raise CheckpointError(
+                    f"{self.kind}: without ckpt= it uses the checkpoint shipped for builtin:tiny-llava, which "
+                    f"does not fit this model (vision width {vision_width}); pass {self.kind}:ckpt=DIR "
+                    f"({train_hint(self.kind)})"
+                )
             check_vision_width(self.record, vision_width, self.directory)
             self._loaded = (key, load_selector(self.directory, self.kind, device))
         return self._loaded[1]
@@ -493,7 +507,7 @@ class CheckpointSelector(Method):
     """Base of the learned pre-LLM methods: hard top-K of a trained scorer loaded from ``ckpt``."""
 
     stage: ClassVar[str] = "pre"
-    ckpt: str | None = None  # checkpoint directory (config.json + model.safetensors)
+    ckpt: str | None = None  # checkpoint directory (config.json + model.safetensors); None: the built-in model's
     _scorer: CheckpointScorer | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -2,8 +2,10 @@
 
 Real tasks are lmms-eval's own (``gqa``, ``textvqa_val``, ...; friendly aliases below). Any of them
 can be pointed at local data (``--task-data pope=/data/pope.parquet``): the task keeps its prompts
-and metrics, only ``dataset_path`` changes. prunebench's own generated tasks are a real task plus
-data rendered in code (``shapes-pope`` = lmms-eval's ``pope`` on generated images).
+and metrics, only ``dataset_path`` changes. prunebench's own generated tasks (the built-in offline
+benchmark, tasks/synthetic.py) are an lmms-eval task plus a fixed evaluation set drawn in code:
+``synth-gqa`` and ``synth-textvqa`` (our YAMLs in tasks/, GQA's and TextVQA's prompts, exact match)
+and ``synth-pope`` (lmms-eval's own ``pope`` on generated images).
 """
 
 from __future__ import annotations
@@ -40,15 +42,22 @@ class GeneratedTask:
     description: str
 
 
-def _shapes_pope(n: int, seed: int):
-    from prunebench.tasks.shapes import pope_dataset
+def _generated(task: str) -> Callable[[int, int], Any]:
+    def generate(n: int, seed: int):
+        from prunebench.tasks.synthetic import task_dataset
 
-    return pope_dataset(n, seed)
+        return task_dataset(task, n, seed)
+
+    return generate
 
 
 GENERATED = {
-    "shapes-pope": GeneratedTask("pope", _shapes_pope, 200, 1234,
-                                 "POPE-style yes/no existence of a coloured shape, rendered in code"),
+    "synth-gqa": GeneratedTask("prunebench_synth_gqa", _generated("synth-gqa"), 500, 2024,
+                               "GQA-like: colour, shape, left/right and count of small shapes, exact match"),
+    "synth-textvqa": GeneratedTask("prunebench_synth_textvqa", _generated("synth-textvqa"), 500, 2024,
+                                   "TextVQA-like: read a number or word printed 4 px high among shapes, exact match"),
+    "synth-pope": GeneratedTask("pope", _generated("synth-pope"), 500, 2024,
+                                "POPE-like: balanced yes/no existence of a coloured shape, POPE's metrics"),
 }
 FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 

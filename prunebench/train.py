@@ -1,4 +1,5 @@
 """`prunebench train autoselect|gumbel`: train a learned token selector on a frozen VLM.
+(`prunebench train tiny-llava` trains the built-in model instead: prunebench/builtin.py.)
 
     prunebench train autoselect --model llava-hf/llava-1.5-7b-hf --data captions.jsonl --out sel/
     accelerate launch --num_processes 8 -m prunebench train autoselect ...   # DDP over 8 GPUs
@@ -27,12 +28,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -184,56 +184,23 @@ class Example:
     answer: str
 
 
-class SyntheticCaptions(Dataset):
-    """Coloured shapes on a plain background, sometimes with a short word written on it, and a
-    caption naming them (words of the tiny model's vocabulary). Item ``i`` is a pure function of
-    (seed, i), so no file is needed and every process sees the same data."""
+class BuiltinQuestions(Dataset):
+    """Questions about the built-in world (tasks/synthetic.py, its ``train`` stream: never the
+    evaluation sets): one image and one question-answer pair per item, in the built-in tasks'
+    prompt format. Item ``i`` is a pure function of (seed, i), so no file is needed."""
 
-    COLORS: ClassVar[dict[str, tuple[int, int, int]]] = {
-        "red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (230, 200, 20),
-        "purple": (130, 40, 160), "orange": (240, 130, 20), "black": (20, 20, 20),
-    }
-    SHAPES = ("circle", "square", "triangle")
-    LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-    def __init__(self, size: int = 512, seed: int = 0, image_size: int = 336):
-        self.size, self.seed, self.image_size = size, seed, image_size
+    def __init__(self, size: int = 512, seed: int = 0):
+        self.size, self.seed = size, seed
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> Example:
-        rng = np.random.default_rng([self.seed, index])
-        cell = self.image_size // 3
-        background = tuple(int(v) for v in rng.integers(200, 256, 3))
-        image = Image.new("RGB", (self.image_size, self.image_size), background)
-        draw = ImageDraw.Draw(image)
-        cells = rng.permutation(9)
-        parts = []
-        for c in cells[: rng.integers(1, 4)]:
-            row, col = divmod(int(c), 3)
-            color = str(rng.choice(list(self.COLORS)))
-            shape = str(rng.choice(self.SHAPES))
-            radius = int(rng.integers(cell // 5, cell // 3))
-            cx, cy = col * cell + cell // 2, row * cell + cell // 2
-            box = (cx - radius, cy - radius, cx + radius, cy + radius)
-            fill = self.COLORS[color]
-            if shape == "circle":
-                draw.ellipse(box, fill=fill)
-            elif shape == "square":
-                draw.rectangle(box, fill=fill)
-            else:
-                draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
-            where = "left" if col == 0 else "right" if col == 2 else "top" if row == 0 else "bottom" if row == 2 else ""
-            parts.append(f"a {color} {shape}" + (f" on the {where}" if where else ""))
-        caption = " and ".join(parts) + " ."
-        if rng.random() < 0.5:  # a word in a free cell: a text-reading signal on few patches
-            row, col = divmod(int(cells[-1]), 3)
-            word = "".join(rng.choice(list(self.LETTERS), int(rng.integers(2, 5))))
-            font = ImageFont.load_default(size=cell // 3)
-            draw.text((col * cell + cell // 8, row * cell + cell // 3), word, fill=(0, 0, 0), font=font)
-            caption += " the word is " + " ".join(word) + " ."
-        return Example(image, CAPTION_PROMPT, caption)
+        from prunebench.tasks import synthetic
+
+        scene, turns = synthetic.training_example(self.seed, index, turns=1)
+        prompt, answer = turns[0]
+        return Example(synthetic.render(scene), prompt, answer)
 
 
 class RecordExamples(Dataset):
@@ -302,7 +269,7 @@ def open_dataset(spec: str, split: str = "train", columns: dict[str, str] | None
         _, _, size = spec.partition(":")
         if size and not size.isdigit():
             raise DataError(f"--data {spec!r}: write synthetic or synthetic:N (N examples)")
-        return SyntheticCaptions(int(size or 512))
+        return BuiltinQuestions(int(size or 512))
     path = Path(spec)
     if path.suffix in (".jsonl", ".json", ".parquet"):
         if not path.is_file():
@@ -665,11 +632,14 @@ def _seed(*parts: int) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("selector", choices=KINDS, help="which learned selector to train")
+    parser.add_argument("selector", choices=(*KINDS, "tiny-llava"),
+                        help="which learned selector to train, or tiny-llava: the built-in model itself")
+    parser.add_argument("--vision-steps", type=int, default=None, help="tiny-llava: vision-tower steps (default 400)")
+    parser.add_argument("--language-steps", type=int, default=None, help="tiny-llava: projector + LLM steps (default 1500)")
     parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), or random:tiny-llava")
     parser.add_argument("--data", default="synthetic",
                         help="a .jsonl/.parquet of image + caption (or question + answer), a Hugging Face dataset id "
-                             "in the local cache, or synthetic[:N] (shapes and words drawn in code)")
+                             "in the local cache, or synthetic[:N] (questions about the built-in tasks' world, drawn in code)")
     parser.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
     parser.add_argument("--columns", default="", metavar="ROLE=COL,...",
                         help="column names when not guessed: image=..,caption=.. or image=..,question=..,answer=..")
@@ -702,6 +672,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.selector == "tiny-llava":
+        from prunebench.builtin import Recipe, train as train_builtin
+
+        steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in ("vision", "language")}
+        recipe = Recipe(seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
+        train_builtin(recipe, Path(args.out))
+        return 0
     try:
         columns = dict(item.split("=", 1) for item in args.columns.split(",") if item)
     except ValueError:

@@ -18,7 +18,7 @@ def test_list_shows_every_method_with_stage_and_options(capsys):
 def test_list_tasks_shows_aliases_and_generated_tasks(capsys):
     assert cli.main(["list", "tasks"]) == 0
     out = capsys.readouterr().out
-    assert "shapes-pope" in out and "textvqa_val" in out and "mmbench_en_dev_static" in out
+    assert "synth-textvqa" in out and "textvqa_val" in out and "mmbench_en_dev_static" in out
 
 
 def test_a_subcommand_that_is_not_built_says_so(monkeypatch, capsys):

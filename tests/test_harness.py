@@ -23,10 +23,10 @@ pytest.importorskip("lmms_eval")
 @pytest.fixture(scope="module")
 def pope_file(tmp_path_factory) -> Path:
     """A POPE-format parquet of six generated images (lmms-eval's `pope` runs on it unchanged)."""
-    from prunebench.tasks.shapes import pope_dataset
+    from prunebench.tasks.synthetic import task_dataset
 
     path = tmp_path_factory.mktemp("data") / "pope.parquet"
-    pope_dataset(6, seed=5).to_parquet(str(path))
+    task_dataset("synth-pope", 6, seed=5).to_parquet(str(path))
     return path
 
 

@@ -17,7 +17,7 @@ def test_wheel_ships_methods_tasks_and_the_console_script(tmp_path):
     (wheel,) = tmp_path.glob("prunebench-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "prunebench/methods/random.py" in names and "prunebench/methods/none.py" in names
-    assert "prunebench/tasks/shapes.py" in names
+    assert "prunebench/tasks/synthetic.py" in names and "prunebench/tasks/synth_gqa.yaml" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "prunebench = prunebench.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -108,7 +108,7 @@ def test_stages_beyond_the_model_are_a_clear_error(engine, batch):
 
 @pytest.mark.parametrize("spec,message", [
     ("pyramiddrop:layers=3/2", "strictly increasing"),
-    ("pyramiddrop:layers=0/2", ">= 1"),
+    ("pyramiddrop:layers=-1/2", ">= 0"),
     ("pyramiddrop:ratios=0.5/0.25", "2 ratios for 3 stage layers"),
     ("pyramiddrop:ratios=0.25/0.5/0.1", "non-increasing"),
 ])

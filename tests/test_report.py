@@ -170,7 +170,7 @@ def test_csv_and_html(table):
 def test_paper_metric_wins_over_lmms_eval_first_metric(table):
     # the tiny POPE records name pope_accuracy (0.5) as primary, as the harness does; papers report F1
     assert table.frame.loc[(G_ALL, "Vanilla"), "POPE"] == 100.0
-    assert paper_metric("pope") == "pope_f1_score" and paper_metric("shapes-pope") == "pope_f1_score"
+    assert paper_metric("pope") == "pope_f1_score" and paper_metric("synth-pope") == "pope_f1_score"
     assert paper_metric("mme") == "mme_perception_score" and paper_metric("my_task") is None
 
 

@@ -1,0 +1,264 @@
+"""The built-in tiny LLaVA (``builtin:tiny-llava``): the recipe that trains it from scratch.
+
+    prunebench train tiny-llava --out prunebench/assets/tiny-llava
+
+The model is LLaVA-1.5's architecture at toy width (models.BUILTIN_SPEC): a CLIP tower on 96-px
+images with 4-px patches (576 visual tokens, LLaVA-1.5's count), an MLP projector and a Llama
+decoder, trained on the built-in world (tasks/synthetic.py, stream ``train``; the evaluation sets
+are other streams). Joint next-token training from scratch stays at chance on this data, so:
+
+1. vision: the CLIP tower alone, with linear heads reading every patch feature the projector
+   consumes (``hidden_states[-2]``) for what covers the patch (colour, shape, character, which
+   character of the string) and where it is (row, column), and the CLS token for which objects
+   are present. Dense labels teach the tower in a few hundred steps, and leave each patch's
+   content linearly readable by the LLM.
+2. language: vision frozen; projector and Llama learn question answering with several questions
+   per image in one multi-turn sequence (the 576 visual tokens are paid once per image), loss on
+   the answers only.
+
+Every step logs; probe accuracy per question kind (single-question prompts, exactly the
+evaluation format, from a held-out stream) is logged every ``eval_every`` steps and saved with the
+model (``training_log.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from prunebench.models import BUILTIN_SPEC, PROMPT_TEMPLATE, build_processor, build_tokenizer, tiny_llava_config
+from prunebench.tasks import synthetic as world
+
+LOG_NAME = "training_log.json"
+
+
+@dataclass
+class Recipe:
+    vision_steps: int = 400
+    vision_batch: int = 32
+    vision_lr: float = 3e-3
+    language_steps: int = 1500
+    language_batch: int = 16
+    language_lr: float = 1e-3
+    turns: int = 6  # questions per image in one training sequence
+    warmup: int = 30
+    eval_every: int = 100
+    probes: int = 240
+    seed: int = 0
+    threads: int = 2
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class VisionHeads(nn.Module):
+    """Linear read-outs of the projector's input features: per patch and for the CLS token."""
+
+    def __init__(self, width: int, grid: int):
+        super().__init__()
+        classes = dict(world.PATCH_LABELS, row=grid, column=grid)
+        self.patch = nn.ModuleDict({name: nn.Linear(width, n) for name, n in classes.items()})
+        self.present = nn.Linear(width, len(world.COLOURS) * len(world.SHAPES) + 1)  # pairs + "text"
+
+    def forward(self, hidden: torch.Tensor, labels: dict[str, torch.Tensor], present: torch.Tensor):
+        feats = F.layer_norm(hidden, hidden.shape[-1:])
+        cls, patches = feats[:, 0], feats[:, 1:]
+        losses, accuracy = {}, {}
+        for name, head in self.patch.items():
+            logits, target = head(patches).flatten(0, 1), labels[name].flatten()
+            # objects cover ~10 % of the patches: weigh them up so background does not dominate
+            weight = 1.0 + 4.0 * (target > 0).float() if name in world.PATCH_LABELS else torch.ones_like(target, dtype=torch.float)
+            losses[name] = (F.cross_entropy(logits, target, reduction="none") * weight).sum() / weight.sum()
+            on = target > 0 if name in world.PATCH_LABELS else torch.ones_like(target, dtype=torch.bool)
+            accuracy[name] = float((logits.argmax(-1)[on] == target[on]).float().mean())
+        losses["present"] = F.binary_cross_entropy_with_logits(self.present(cls), present)
+        return sum(losses.values()), accuracy
+
+
+def _init_positions_2d(weight: torch.Tensor, grid: int) -> None:
+    """2-D sine-cosine initial position embeddings (CLS: zeros): patches start out knowing their
+    neighbours, which the tower otherwise learns slowly from scratch. Still learned afterwards."""
+    d = weight.shape[1] // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(d) / d))
+    rows = torch.arange(grid).repeat_interleave(grid)[:, None] * freqs
+    columns = torch.arange(grid).repeat(grid)[:, None] * freqs
+    table = torch.cat([rows.sin(), rows.cos(), columns.sin(), columns.cos()], dim=1)
+    with torch.no_grad():
+        weight.zero_()
+        weight[1:, : table.shape[1]] = table * 0.5
+
+
+def _features_for_projector(vision: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``hidden_states[-2]`` of the CLIP tower without running its last layer (unused here)."""
+    hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+    for layer in vision.encoder.layers[:-1]:
+        hidden = layer(hidden, None)
+    return hidden
+
+
+def _present(scene: world.Scene) -> np.ndarray:
+    pairs = [(c, s) for c in world.COLOURS for s in world.SHAPES]
+    out = np.zeros(len(pairs) + 1, dtype=np.float32)
+    for s in scene.shapes:
+        out[pairs.index((s.colour, s.shape))] = 1
+    out[-1] = bool(scene.texts)
+    return out
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, console: Console):
+        self.recipe, self.console = recipe, console
+        from transformers import LlavaForConditionalGeneration
+
+        torch.manual_seed(recipe.seed)
+        self.tokenizer = build_tokenizer()
+        self.processor = build_processor(self.tokenizer, BUILTIN_SPEC)
+        self.model = LlavaForConditionalGeneration(tiny_llava_config(BUILTIN_SPEC, self.tokenizer))
+        self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.grid = BUILTIN_SPEC.image_size // BUILTIN_SPEC.patch_size
+        self.n_image = self.grid * self.grid
+        self.log: list[dict] = []
+        self.started = time.perf_counter()
+        self.probes = self._probe_set(recipe.probes)
+
+    # -- data ----------------------------------------------------------------------------------
+    def _pixels(self, scenes: list[world.Scene]) -> torch.Tensor:
+        images = [world.render(s) for s in scenes]
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    def _encode(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a multi-turn LLaVA-1.5 conversation; the first turn is the
+        evaluation prompt exactly (its <image> expanded to the image's tokens)."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for i, (prompt, answer) in enumerate(turns):
+            text = PROMPT_TEMPLATE.format(question=prompt) if i == 0 else f"USER: {prompt} ASSISTANT:"
+            text = text.replace("<image>", "<image>" * self.n_image)
+            p = self.tokenizer(text)["input_ids"]
+            a = self.tokenizer(answer)["input_ids"] + [self.tokenizer.eos_token_id]
+            ids += p + a
+            labels += [-100] * len(p) + a
+        return ids, labels
+
+    def _batch(self, conversations: list[list[tuple[str, str]]], scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
+        encoded = [self._encode(c) for c in conversations]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded]),
+            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded]),
+            "pixel_values": self._pixels(scenes),
+        }
+
+    def _probe_set(self, n: int) -> list[tuple[str, world.Scene, str, str]]:
+        """Held-out single questions (stream ``probe``), by kind."""
+        probes = []
+        for i in range(n):
+            task = world.TASKS[i % len(world.TASKS)]
+            sample = world.task_sample(task, seed=10_000 + self.recipe.seed, index=i // len(world.TASKS))
+            probes.append((f"{task}:{sample.kind}", sample.scene, world.prompt_text(task, sample.question), sample.answer))
+        return probes
+
+    # -- stages --------------------------------------------------------------------------------
+    def train_vision(self) -> None:
+        r = self.recipe
+        vision = self.model.model.vision_tower
+        inner = getattr(vision, "vision_model", vision)
+        _init_positions_2d(inner.embeddings.position_embedding.weight, self.grid)
+        heads = VisionHeads(BUILTIN_SPEC.vision_width, self.grid)
+        params = list(vision.parameters()) + list(heads.parameters())
+        optimizer = torch.optim.AdamW(params, lr=r.vision_lr, weight_decay=0.01)
+        rows = torch.arange(self.grid).repeat_interleave(self.grid)
+        columns = torch.arange(self.grid).repeat(self.grid)
+        for step in range(r.vision_steps):
+            scenes = [world.vision_scene(r.seed, step * r.vision_batch + i) for i in range(r.vision_batch)]
+            labels = {name: torch.stack([torch.from_numpy(world.patch_labels(s)[name].reshape(-1)) for s in scenes])
+                      for name in world.PATCH_LABELS}
+            labels["row"], labels["column"] = rows.expand(len(scenes), -1), columns.expand(len(scenes), -1)
+            present = torch.from_numpy(np.stack([_present(s) for s in scenes]))
+            hidden = _features_for_projector(inner, self._pixels(scenes))
+            loss, accuracy = heads(hidden, labels, present)
+            self._step(optimizer, params, loss, _lr(step, r.vision_steps, r.vision_lr, r.warmup))
+            self._record("vision", step, loss, accuracy)
+
+    def train_language(self) -> None:
+        r = self.recipe
+        self.model.model.vision_tower.requires_grad_(False)
+        params = [p for n, p in self.model.named_parameters() if "vision_tower" not in n]
+        optimizer = torch.optim.AdamW(params, lr=r.language_lr, weight_decay=0.01)
+        for step in range(r.language_steps):
+            examples = [world.training_example(r.seed, step * r.language_batch + i, turns=r.turns)
+                        for i in range(r.language_batch)]
+            batch = self._batch([turns for _, turns in examples], [scene for scene, _ in examples])
+            loss = self.model(**batch).loss
+            self._step(optimizer, params, loss, _lr(step, r.language_steps, r.language_lr, r.warmup))
+            probe = self.probe() if (step + 1) % r.eval_every == 0 or step + 1 == r.language_steps else None
+            self._record("language", step, loss, probe)
+
+    @torch.no_grad()
+    def probe(self) -> dict[str, float]:
+        """Greedy first-token accuracy of the answer, per task:kind, on the held-out probes."""
+        self.model.eval()
+        hits: dict[str, list[bool]] = {}
+        for start in range(0, len(self.probes), 40):
+            chunk = self.probes[start:start + 40]
+            batch = self._batch([[(prompt, answer)] for _, _, prompt, answer in chunk], [s for _, s, _, _ in chunk])
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                pixel_values=batch["pixel_values"]).logits
+            first = (batch["labels"] != -100).int().argmax(-1)  # the answer's first token
+            predicted = logits[torch.arange(len(chunk)), first - 1].argmax(-1)
+            for (kind, *_), pred, target in zip(chunk, predicted, batch["input_ids"][torch.arange(len(chunk)), first]):
+                hits.setdefault(kind, []).append(bool(pred == target))
+        self.model.train()
+        return {kind: sum(h) / len(h) for kind, h in sorted(hits.items())}
+
+    def _step(self, optimizer, params, loss: torch.Tensor, lr: float) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    def _record(self, stage: str, step: int, loss: torch.Tensor, metrics: dict | None) -> None:
+        entry = {"stage": stage, "step": step + 1, "loss": round(float(loss.detach()), 5),
+                 "seconds": round(time.perf_counter() - self.started, 1)}
+        if metrics:
+            entry["accuracy"] = {k: round(v, 4) for k, v in metrics.items()}
+        self.log.append(entry)
+        if (stage == "language" and metrics) or (step + 1) % 25 == 0:
+            shown = "  ".join(f"{k} {v:.2f}" for k, v in (metrics or {}).items())
+            self.console.print(f"{stage} {step + 1:5d}  loss {float(loss):.4f}  {entry['seconds']:7.1f}s  {shown}",
+                               soft_wrap=True)
+
+    def save(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.eval()
+        self.model.save_pretrained(out)
+        self.processor.save_pretrained(out)
+        record = {"recipe": asdict(self.recipe), "seconds": round(time.perf_counter() - self.started, 1),
+                  "threads": torch.get_num_threads(), "log": self.log}
+        (out / LOG_NAME).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def train(recipe: Recipe, out: Path, console: Console | None = None) -> Trainer:
+    torch.set_num_threads(recipe.threads)
+    trainer = Trainer(recipe, console or Console(stderr=True))
+    trainer.model.train()
+    trainer.train_vision()
+    trainer.train_language()
+    trainer.save(out)
+    return trainer

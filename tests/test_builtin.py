@@ -1,0 +1,169 @@
+"""The built-in offline benchmark: generated tasks (deterministic, disjoint from training data,
+lmms-eval's own prompts) and the shipped tiny LLaVA (loads offline, answers, runs end to end)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prunebench.builtin import Recipe, Trainer, train
+from prunebench.models import BUILTIN_SPEC, BUILTIN_TRAINED, PROMPT_TEMPLATE, load_model
+from prunebench.tasks import synthetic as world
+from prunebench.taskspec import GENERATED
+
+
+def _digest(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps({k: v for k, v in row.items() if k != "image"}).encode())
+        h.update(row["image"]["bytes"])
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("task", world.TASKS)
+def test_generators_are_deterministic(task):
+    assert _digest(world.task_rows(task, 12, seed=3)) == _digest(world.task_rows(task, 12, seed=3))
+    assert _digest(world.task_rows(task, 12, seed=3)) != _digest(world.task_rows(task, 12, seed=4))
+
+
+def test_every_built_in_task_is_registered_with_a_fixed_evaluation_set():
+    assert set(GENERATED) == set(world.TASKS)
+    for spec in GENERATED.values():
+        assert spec.size >= 500
+
+
+def test_evaluation_sets_do_not_overlap_the_training_data():
+    def image_hash(scene):
+        return hashlib.sha256(world.render(scene).tobytes()).hexdigest()
+
+    evaluation = {image_hash(world.task_sample(task, GENERATED[task].seed, i).scene)
+                  for task in world.TASKS for i in range(GENERATED[task].size)}
+    training = {image_hash(world.training_example(0, i)[0]) for i in range(3000)}
+    training |= {image_hash(world.vision_scene(0, i)) for i in range(500)}
+    assert len(evaluation) > 0.99 * sum(g.size for g in GENERATED.values())  # scenes are not degenerate
+    assert not evaluation & training
+
+
+def test_questions_are_well_posed():
+    for i in range(200):
+        sample = world.task_sample("synth-gqa", 7, i)
+        scene = sample.scene
+        if sample.kind == "colour":
+            (target,) = [s for s in scene.shapes if s.shape in sample.question]
+            assert target.colour == sample.answer
+        elif sample.kind == "count":
+            shape = sample.question.split()[2][:-1]
+            assert sample.answer == str(scene.count(shape))
+        elif sample.kind == "relation":
+            assert sample.answer in ("left", "right")
+    answers = [world.task_sample("synth-pope", 7, i).answer for i in range(100)]
+    assert answers.count("yes") == answers.count("no") == 50
+    for i in range(50):
+        sample = world.task_sample("synth-textvqa", 7, i)
+        assert sample.answer == sample.scene.text.string
+
+
+def test_glyphs_are_distinct_and_one_patch_each():
+    patterns = list(world.FONT.values())
+    assert len(set(patterns)) == len(patterns)
+    assert all(len(rows) == 4 and all(len(r) == 3 for r in rows) for rows in (p.split() for p in patterns))
+
+
+def test_patch_labels_name_what_is_drawn_there():
+    text = world.Text("42", x=40, y=20, ink=(0, 0, 0))
+    shape = world.Shape("red", "square", (8, 8, 15, 15))
+    scene = world.Scene((230, 230, 230), (shape,), text)
+    labels = world.patch_labels(scene)
+    chars = list(world.CHARACTERS)
+    assert labels["char"][5, 10] == chars.index("4") + 1 and labels["char"][5, 11] == chars.index("2") + 1
+    assert labels["slot"][5, 10] == 1 and labels["slot"][5, 11] == 2
+    assert (labels["colour"][2:4, 2:4] == list(world.COLOURS).index("red") + 1).all()
+    assert (labels["shape"][2:4, 2:4] == world.SHAPES.index("square") + 1).all()
+    assert labels["shape"].astype(bool).sum() == 4 + 2  # nothing else is labelled
+    pixels = np.asarray(world.render(scene))
+    assert (pixels[20:24, 40:43] != 230).any() and (pixels[9:15, 9:15] == world.COLOURS["red"]).all()
+
+
+@pytest.mark.parametrize("task", world.TASKS)
+def test_training_prompts_are_what_lmms_eval_builds(task, tmp_path):
+    from prunebench.taskspec import task_manager
+
+    base = GENERATED[task].base
+    sample = world.task_sample(task, 1, 0)
+    rows = world.task_rows(task, 1, seed=1)
+    from lmms_eval import utils
+
+    config = utils.load_yaml_config(task_manager()._task_index[base]["yaml_path"])
+    doc = {"question": rows[0]["question"], "answer": rows[0]["answer"]}
+    expected = config["doc_to_text"](doc, config["lmms_eval_specific_kwargs"]["default"])
+    assert world.prompt_text(task, sample.question) == expected
+
+
+# -- the shipped model -------------------------------------------------------------------------------
+needs_shipped = pytest.mark.skipif(
+    not (BUILTIN_TRAINED["builtin:tiny-llava"] / "model.safetensors").is_file(), reason="shipped weights absent")
+
+
+@needs_shipped
+def test_shipped_model_loads_offline_with_llava_geometry(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = load_model("builtin:tiny-llava")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    inputs = processor(images=[world.render(world.task_sample("synth-pope", 1, 0).scene)],
+                       text=[PROMPT_TEMPLATE.format(question="hi")], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
+    size = sum(p.stat().st_size for p in BUILTIN_TRAINED["builtin:tiny-llava"].iterdir())
+    assert size <= 25 * 2**20
+
+
+@needs_shipped
+@pytest.mark.parametrize("task", world.TASKS)
+def test_shipped_model_answers_most_questions_unpruned(task):
+    from prunebench.engine import DecodeConfig, PruningEngine
+    from prunebench.method import create_method
+
+    model, processor = load_model("builtin:tiny-llava")
+    engine = PruningEngine(model, processor)
+    samples = [world.task_sample(task, GENERATED[task].seed, i) for i in range(24)]
+    prompts = [PROMPT_TEMPLATE.format(question=world.prompt_text(task, s.question)) for s in samples]
+    inputs = processor(images=[world.render(s.scene) for s in samples], text=prompts, return_tensors="pt",
+                       padding=True)
+    out = engine.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                          create_method("none"), "all", DecodeConfig(max_new_tokens=3))
+    correct = sum(text.strip() == s.answer for text, s in zip(out.texts, samples))
+    assert correct >= 18, [(t, s.answer) for t, s in zip(out.texts, samples)]
+
+
+# -- the training recipe --------------------------------------------------------------------------
+def test_first_training_turn_is_the_evaluation_prompt():
+    trainer = Trainer(Recipe(probes=3), console=None)
+    scene, turns = world.training_example(0, 1)
+    ids, labels = trainer._encode(turns[:2])
+    prompt = PROMPT_TEMPLATE.format(question=turns[0][0])
+    expected = trainer.processor(images=[world.render(scene)], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+    assert ids[: len(expected)] == expected
+    answer = trainer.tokenizer(turns[0][1])["input_ids"] + [trainer.tokenizer.eos_token_id]
+    assert labels[len(expected): len(expected) + len(answer)] == answer
+    assert all(label == -100 for label in labels[: len(expected)])
+
+
+def test_recipe_trains_saves_and_loads(tmp_path):
+    recipe = Recipe(vision_steps=2, vision_batch=2, language_steps=2, language_batch=2, turns=2, probes=3,
+                    eval_every=1, threads=1)
+    trainer = train(recipe, tmp_path / "tiny")
+    stages = [entry["stage"] for entry in trainer.log]
+    assert stages == ["vision", "vision", "language", "language"]
+    assert all(np.isfinite(entry["loss"]) for entry in trainer.log)
+    assert "accuracy" in trainer.log[-1]
+    log = json.loads((tmp_path / "tiny" / "training_log.json").read_text())
+    assert log["recipe"]["language_steps"] == 2
+    from transformers import LlavaForConditionalGeneration
+
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "tiny")
+    for (name, a), b in zip(trainer.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert loaded.config.vision_config.image_size == BUILTIN_SPEC.image_size

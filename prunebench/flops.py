@@ -1,4 +1,4 @@
-"""Analytic cost model of a LLaVA-style VLM: FLOPs per stage, KV-cache bytes, bytes moved.
+"""Analytic cost model of a VLM: visual tokens per image, FLOPs per stage, KV-cache bytes, bytes moved.
 
 Counting rule: only matrix products count, and one multiply-accumulate (MAC) is 2 FLOPs. Norms,
 activations, softmax, rotary embedding and residual adds are O(n d) and left out.
@@ -127,14 +127,122 @@ def visual_tokens_per_image(config) -> int:
     if config.model_type != "llava":
         raise NotImplementedError(
             f"visual tokens of {config.model_type!r} depend on the image (dynamic resolution); "
-            "only 'llava' (fixed 336 px grid) is counted today"
+            "count them with image_tokens(config, height, width)"
         )
     grid = (vision.image_size // vision.patch_size) ** 2
     return grid + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
-def vision_flops(config, images: int) -> int:
-    """Vision tower (patch embedding + every encoder layer, as HF runs them all) + projector."""
+# -- image geometry of the dynamic backbones ---------------------------------------------------
+# LLaVA-NeXT (anyres): the image is fitted into the best of ``image_grid_pinpoints`` and cut into
+# crops of the CLIP input size; base image + crops go through CLIP. The crops' token grid is then
+# cropped back to the image's aspect ratio ("unpad") and every row gains one image_newline token.
+# Qwen2-VL / 2.5-VL: the image is resized to multiples of patch x merge (28 px) and every 2x2
+# group of 14 px patches becomes one LLM token.
+DYNAMIC = ("llava_next", "qwen2_vl", "qwen2_5_vl")
+
+
+def anyres_resolution(config, height: int, width: int) -> tuple[int, int]:
+    """The pinpoint (height, width) LLaVA-NeXT fits an image into: the one that keeps the most of
+    the image's pixels after an aspect-preserving downscale, the least padding on a tie."""
+    best, best_key = None, None
+    for pin_h, pin_w in config.image_grid_pinpoints:
+        scale = min(pin_w / width, pin_h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        key = (kept, -(pin_w * pin_h - kept))
+        if best_key is None or key > best_key:
+            best, best_key = (pin_h, pin_w), key
+    return best
+
+
+def anyres_crops(config, height: int, width: int) -> int:
+    """CLIP inputs LLaVA-NeXT runs for one image: the base image + the crops of its pinpoint."""
+    side = config.vision_config.image_size
+    pin_h, pin_w = anyres_resolution(config, height, width)
+    return 1 + -(-pin_h // side) * -(-pin_w // side)
+
+
+def _anyres_tokens(config, height: int, width: int) -> int:
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size  # tokens per crop side
+    base = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+    pin_h, pin_w = anyres_resolution(config, height, width)
+    rows, cols = pin_h // vision.image_size * side, pin_w // vision.image_size * side
+    # unpad: keep the centred band of rows (or columns) the image itself covers
+    if width / height > cols / rows:
+        kept = int(round(height * (cols / width), 7))
+        rows -= 2 * ((rows - kept) // 2)
+    else:
+        kept = int(round(width * (rows / height), 7))
+        cols -= 2 * ((cols - kept) // 2)
+    return base + rows * cols + rows  # + one image_newline per row
+
+
+def qwen_patch_grid(config, height: int, width: int) -> tuple[int, int]:
+    """Qwen2-VL's grid of 14 px patches for an image resized to the nearest multiples of 28 px
+    (the processor's rounding; its min/max pixel clamp is the processor's and not applied here)."""
+    vision = config.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    rows, cols = (max(unit, round(side / unit) * unit) // vision.patch_size for side in (height, width))
+    return rows, cols
+
+
+def image_tokens(config, height: int, width: int) -> int:
+    """Visual tokens an image of ``height`` x ``width`` px gives the model (LLaVA-1.5: always its grid)."""
+    if config.model_type == "llava":
+        return visual_tokens_per_image(config)
+    if config.model_type == "llava_next":
+        return _anyres_tokens(config, height, width)
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        rows, cols = qwen_patch_grid(config, height, width)
+        return rows * cols // config.vision_config.spatial_merge_size**2
+    raise NotImplementedError(f"no visual-token count for {config.model_type!r}; supported: llava, {', '.join(DYNAMIC)}")
+
+
+def max_image_tokens(config, image_processor=None) -> int:
+    """The most visual tokens one image can give: LLaVA-1.5's fixed grid; LLaVA-NeXT's largest
+    pinpoint (unpadding only removes tokens); Qwen-VL's processor ``max_pixels`` / (28 px)^2."""
+    if config.model_type == "llava":
+        return visual_tokens_per_image(config)
+    if config.model_type == "llava_next":
+        return max(_anyres_tokens(config, h, w) for h, w in config.image_grid_pinpoints)
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        max_pixels = getattr(getattr(image_processor, "size", None), "longest_edge", None)
+        if max_pixels is None:
+            raise NotImplementedError(
+                "the most visual tokens of a Qwen-VL image depend on its processor's max_pixels; pass the image processor"
+            )
+        vision = config.vision_config
+        return max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2
+    raise NotImplementedError(f"no visual-token count for {config.model_type!r}; supported: llava, {', '.join(DYNAMIC)}")
+
+
+# -- vision FLOPs ------------------------------------------------------------------------------
+def vision_flops(config, images: int, height: int | None = None, width: int | None = None) -> int:
+    """Vision tower + projector FLOPs of ``images`` images of ``height`` x ``width`` px (LLaVA-1.5:
+    any size, it resizes to its grid). Every encoder layer counts, as HF runs them all.
+
+    - LLaVA-1.5: CLIP over 1 + 576 tokens, MLP projector on the 576.
+    - LLaVA-NeXT: the same per CLIP input (base + crops), the projector on all their tokens
+      before unpadding; newline tokens cost no matmul.
+    - Qwen2-VL: ViT over the P patches (Conv3d patch embedding, full attention per image, fc1/fc2
+      MLP of ``mlp_ratio x d``), then the merger MLP (4d -> 4d -> D) on the P / 4 tokens.
+    - Qwen2.5-VL: the same with a gated MLP, and attention within windows of ``window_size`` px
+      except in ``fullatt_block_indexes`` blocks.
+    """
+    kind = config.model_type
+    if kind == "llava":
+        return 2 * images * _clip_macs(config, crops=1)
+    if height is None or width is None:
+        raise ValueError(f"vision FLOPs of {kind!r} depend on the image: give its height and width")
+    if kind == "llava_next":
+        return 2 * images * _clip_macs(config, crops=anyres_crops(config, height, width))
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        return 2 * images * _qwen_vit_macs(config, *qwen_patch_grid(config, height, width))
+    raise NotImplementedError(f"no FLOPs model for {kind!r}; supported: llava, {', '.join(DYNAMIC)}")
+
+
+def _clip_macs(config, crops: int) -> int:
     vision = config.vision_config
     if vision.model_type != "clip_vision_model":
         raise NotImplementedError(f"no FLOPs model for vision tower {vision.model_type!r}; supported: clip_vision_model")
@@ -144,8 +252,45 @@ def vision_flops(config, images: int) -> int:
     embed = patches * vision.num_channels * vision.patch_size**2 * d
     per_layer = 4 * seq * d * d + 2 * seq * seq * d + 2 * seq * d * m  # MLP: fc1, fc2
     width = config.text_config.hidden_size
-    projector = visual_tokens_per_image(config) * (d * width + width * width)  # linear_1, linear_2
-    return 2 * images * (embed + vision.num_hidden_layers * per_layer + projector)
+    features = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    projector = features * (d * width + width * width)  # linear_1, linear_2
+    return crops * (embed + vision.num_hidden_layers * per_layer + projector)
+
+
+def qwen_windows(config, rows: int, cols: int) -> list[int]:
+    """Patches in each attention window of a Qwen2.5-VL image of ``rows`` x ``cols`` patches:
+    windows tile the merged-token grid in squares of ``window_size`` px, cut at its edges."""
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    side = vision.window_size // merge // vision.patch_size  # merged tokens per window side
+
+    def spans(n: int) -> list[int]:
+        return [side] * (n // side) + ([n % side] if n % side else [])
+
+    return [h * w * merge * merge for h in spans(rows // merge) for w in spans(cols // merge)]
+
+
+def _qwen_vit_macs(config, rows: int, cols: int) -> int:
+    vision = config.vision_config
+    patches = rows * cols
+    windowed = config.model_type == "qwen2_5_vl"
+    d = vision.hidden_size if windowed else vision.embed_dim
+    embed = patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * d
+    projections = 4 * patches * d * d  # qkv + proj
+    if windowed:
+        mlp = 3 * patches * d * vision.intermediate_size  # gate, up, down
+        full = set(vision.fullatt_block_indexes)
+        window_attention = 2 * d * sum(n * n for n in qwen_windows(config, rows, cols))
+        attention = sum(2 * patches * patches * d if i in full else window_attention for i in range(vision.depth))
+        out = vision.out_hidden_size
+    else:
+        mlp = 2 * patches * d * d * vision.mlp_ratio  # fc1, fc2
+        attention = vision.depth * 2 * patches * patches * d
+        out = vision.hidden_size
+    merged = patches // vision.spatial_merge_size**2
+    wide = d * vision.spatial_merge_size**2
+    merger = merged * (wide * wide + wide * out)
+    return embed + vision.depth * (projections + mlp) + attention + merger
 
 
 def roofline_ms(flops: float, bytes_moved: float, peak_flops_per_s: float, peak_bytes_per_s: float) -> float:

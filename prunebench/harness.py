@@ -29,9 +29,11 @@ from prunebench.errors import UserError
 from prunebench.method import Method, MethodError, create_method, parse_method_list
 from prunebench.results import Record, RecordKey, ResultStore
 
-DEFAULT_MODEL = "random:tiny-llava"
-DEFAULT_METHODS = "none,random,fastv,dart,visionzip,divprune"
-DEFAULT_TASKS = "shapes-pope"
+DEFAULT_MODEL = "builtin:tiny-llava"
+# every method; in-LLM stages moved early enough that the 4-layer built-in model meets K = 64
+DEFAULT_METHODS = ("none,random,fastv,sparsevlm:layers=0/1/2,pyramiddrop:layers=0/1/2,dart,visionzip,divprune,"
+                   "autoselect,gumbel")
+DEFAULT_TASKS = "synth-gqa,synth-textvqa,synth-pope"
 DEFAULT_BUDGETS = "192,128,64"
 
 
@@ -74,17 +76,32 @@ def plan(methods: list[Method], budgets: list[Budget], tasks: list[str]) -> list
     return cells
 
 
-def check_schedules(methods: list[Method], budgets: list[Budget], n_visual: int, num_layers: int, model: str) -> None:
-    """Every (method, budget) must be schedulable on this model before any cell runs."""
+def check_schedules(methods: list[Method], budgets: list[Budget], n_visual: int, num_layers: int, model: str,
+                    varies: bool = False) -> None:
+    """Every (method, budget) must be schedulable on this model before any cell runs.
+
+    ``varies``: the visual tokens depend on the image (LLaVA-NeXT, Qwen-VL) and ``n_visual`` is the
+    most one image can give; a budget is checked against that image, so the layer checks hold for
+    every image and a K no image can meet fails here. An image with fewer tokens than an absolute K
+    fails when it is reached, naming the sample (prunebench.lmms_bridge); records already written stay.
+    """
+    tokens = f"up to {n_visual} visual tokens per image" if varies else f"{n_visual} visual tokens"
     for method in methods:
         for budget in budgets:
             try:
                 method.schedule(n_visual, budget, num_layers)
             except (BudgetError, MethodError) as err:
                 raise type(err)(
-                    f"{method.spec()} at budget {budget} on {model} ({n_visual} visual tokens, "
-                    f"{num_layers} decoder layers): {err}"
+                    f"{method.spec()} at budget {budget} on {model} ({tokens}, {num_layers} decoder layers): {err}"
                 ) from None
+
+
+def _visual_token_bound(engine, processor) -> tuple[int, bool]:
+    """(the most visual tokens one image gives this model, whether the count varies per image)."""
+    from prunebench.flops import max_image_tokens
+
+    config = engine.model.config
+    return max_image_tokens(config, getattr(processor, "image_processor", None)), config.model_type != "llava"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -119,7 +136,8 @@ def main(args: argparse.Namespace) -> int:
 
     model, processor = load_model(args.model, device=device, dtype=dtype)
     engine = PruningEngine(model, processor.tokenizer)
-    check_schedules(methods, budgets, engine.adapter.visual_tokens_per_image, engine.adapter.num_layers, args.model)
+    n_visual, varies = _visual_token_bound(engine, processor)
+    check_schedules(methods, budgets, n_visual, engine.adapter.num_layers, args.model, varies)
 
     # 3. tasks (needs lmms-eval's task index)
     taskspec.check_known(tasks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -17,12 +18,13 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from prunebench.budget import Budget
+from prunebench.backbones import QWEN_IMAGE, QwenVLInputs
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine import DecodeConfig, PruningEngine
 from prunebench.method import Method
 from prunebench.timing import StageClock
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = "<image>"  # lmms-eval's own placeholder in a context, and LLaVA's
 
 
 @dataclass
@@ -106,10 +108,12 @@ class PrunedVLM(lmms):
         inputs = self._encode([self._prompt(c) for c in contexts], images)
         decode = self._decode_config(dict(gen_kwargs[0]))
         clock = StageClock(self.engine.device)
-        gen = self.engine.generate(
-            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-            method=self.method, budget=self.budget, decode=decode, clock=clock,
-        )
+        with self._naming_samples(inputs, tasks, doc_ids):
+            gen = self.engine.generate(
+                inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                method=self.method, budget=self.budget, decode=decode, clock=clock,
+                image_inputs=self.engine.adapter.image_inputs(inputs),
+            )
         self._record(inputs, gen.timings, gen.visual_tokens, [len(t) for t in gen.tokens], tasks, doc_ids)
         return gen.texts
 
@@ -120,10 +124,12 @@ class PrunedVLM(lmms):
         if target.numel() == 0:
             raise ValueError(f"{task} doc {doc_id}: empty continuation {continuation!r}")
         clock = StageClock(self.engine.device)
-        logprobs, greedy, visual_tokens = self.engine.score_continuation(
-            inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], target.to(self.engine.device),
-            method=self.method, budget=self.budget, clock=clock,
-        )
+        with self._naming_samples(inputs, [task], [doc_id]):
+            logprobs, greedy, visual_tokens = self.engine.score_continuation(
+                inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], target.to(self.engine.device),
+                method=self.method, budget=self.budget, clock=clock,
+                image_inputs=self.engine.adapter.image_inputs(inputs),
+            )
         self._record(inputs, clock.summary(), visual_tokens, [len(target)], [task], [doc_id])
         return float(logprobs.sum()), bool(greedy)
 
@@ -137,23 +143,42 @@ class PrunedVLM(lmms):
         return visuals[0].convert("RGB")
 
     def _prompt(self, context: str) -> str:
+        """The model's chat template around the image and the question when the processor has one;
+        otherwise LLaVA-1.5's conversation format with the model's own image placeholder."""
         text = context if IMAGE_TOKEN in context else f"{IMAGE_TOKEN}\n{context}"
         template = getattr(self.processor, "chat_template", None)
         if template:
             question = text.replace(IMAGE_TOKEN, "").lstrip("\n")
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return f"USER: {text} ASSISTANT:"  # LLaVA-1.5's conversation format, for tokenizers without a template
+        # Qwen-VL's image block is <|vision_start|><|image_pad|><|vision_end|>; LLaVA's is <image>
+        placeholder = QWEN_IMAGE if isinstance(self.processor, QwenVLInputs) else IMAGE_TOKEN
+        return f"USER: {text.replace(IMAGE_TOKEN, placeholder)} ASSISTANT:"
 
     def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Token ids, pixels (in the model's dtype) and the extra image inputs the backbone needs
+        (``image_sizes``, ``image_grid_thw``), on the engine's device."""
         self.tokenizer.padding_side = "left"
         inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
         dtype = next(self.engine.model.parameters()).dtype
+        device = self.engine.device
         return {
-            "input_ids": inputs["input_ids"].to(self.engine.device),
-            "attention_mask": inputs["attention_mask"].to(self.engine.device),
-            "pixel_values": inputs["pixel_values"].to(self.engine.device, dtype),
+            "input_ids": inputs["input_ids"].to(device),
+            "attention_mask": inputs["attention_mask"].to(device),
+            "pixel_values": inputs["pixel_values"].to(device, dtype),
+            **{key: value.to(device) for key, value in self.engine.adapter.image_inputs(inputs).items()},
         }
+
+    @contextmanager
+    def _naming_samples(self, inputs, tasks, doc_ids):
+        """A budget an image cannot meet (K above its visual tokens, on backbones whose count
+        varies per image) fails naming the samples of the batch and their visual-token counts."""
+        try:
+            yield
+        except BudgetError as err:
+            counts = (inputs["input_ids"] == self.engine.adapter.image_token_id).sum(-1).tolist()
+            where = ", ".join(f"{task} doc {doc} ({n} visual tokens)" for task, doc, n in zip(tasks, doc_ids, counts))
+            raise BudgetError(f"{where}: {err}") from None
 
     def _decode_config(self, kwargs: dict) -> DecodeConfig:
         until = kwargs.pop("until", None) or []

@@ -1,7 +1,10 @@
 """`prunebench profile`: where a pruned VLM spends its time, stage by stage, against the hardware.
 
 Every method x budget runs the same synthetic batch (random token ids around one image-token
-block, random pixels: speed does not depend on content) through the engine: ``warmup`` untimed
+block, random pixels: speed does not depend on content) through the engine. On LLaVA-NeXT and
+Qwen-VL the visual tokens depend on the image's size (``--image-size``, default 672x672 px: the
+largest anyres pinpoint of LLaVA-NeXT-7B, 2928 tokens; 576 tokens on Qwen2-VL, as LLaVA-1.5);
+LLaVA-1.5 resizes every image to its 336 px grid. Then: ``warmup`` untimed
 passes, then ``repeats`` timed ones of prefill + ``decode_tokens`` greedy tokens, interleaved
 across the cells so that drifting device speed hits every cell alike. The engine's
 StageClock splits a pass into disjoint spans::
@@ -41,17 +44,20 @@ import torch
 import transformers
 from torch import nn
 
+from prunebench.backbones import BUILTIN as BUILTIN_BACKBONES
 from prunebench.budget import Budget, BudgetError
 from prunebench.engine import DecodeConfig, PruningEngine
 from prunebench.flops import (
     FORMULA,
     DecoderGeometry,
+    anyres_crops,
     decode_flops_per_step,
+    image_tokens,
     kv_cache_bytes,
     prefill_flops,
+    qwen_patch_grid,
     roofline_ms,
     vision_flops,
-    visual_tokens_per_image,
 )
 from prunebench.method import Method, MethodError, create_method, parse_method_list
 from prunebench.models import BUILTIN_RANDOM, load_model
@@ -78,6 +84,7 @@ class ProfileSettings:
     warmup: int = 2
     repeats: int = 10
     decode_tokens: int = 16  # generated tokens per pass, the first one from the prefill
+    image_size: tuple[int, int] = (672, 672)  # (height, width) px of the synthetic image
 
 
 @dataclass(frozen=True)
@@ -87,22 +94,38 @@ class DevicePeaks:
 
 
 # -- inputs and one timed pass --------------------------------------------------------------------
-def synthetic_batch(config, batch_size: int, prompt_tokens: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``batch_size`` equal prompts of ``prompt_tokens`` random text tokens with one image block."""
+def synthetic_batch(config, batch_size: int, prompt_tokens: int, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                    image_size: tuple[int, int] = ProfileSettings.image_size) -> dict[str, torch.Tensor]:
+    """``batch_size`` equal prompts of ``prompt_tokens`` random text tokens with one image block, and
+    the vision inputs of one ``image_size`` (height, width) image each, shaped as the model's own
+    processor shapes them: LLaVA-1.5 ``(B, 3, 336, 336)``; LLaVA-NeXT ``(B, 1 + crops, 3, 336,
+    336)`` with ``image_sizes``; Qwen-VL ``(B x patches, 3 x 2 x 14 x 14)`` with ``image_grid_thw``."""
     image_token = config.image_token_id
     vocab = config.text_config.vocab_size
     generator = torch.Generator().manual_seed(seed)
     text = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator)
     text[text == image_token] = (image_token + 1) % vocab
     head = min(IMAGE_AFTER, prompt_tokens)
-    image = torch.full((batch_size, visual_tokens_per_image(config)), image_token)
+    height, width = image_size
+    image = torch.full((batch_size, image_tokens(config, height, width)), image_token)
     input_ids = torch.cat([text[:, :head], image, text[:, head:]], dim=1)
     vision = config.vision_config
-    pixels = torch.randn(batch_size, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+    extra: dict[str, torch.Tensor] = {}
+    if config.model_type == "llava":
+        shape = (batch_size, vision.num_channels, vision.image_size, vision.image_size)
+    elif config.model_type == "llava_next":
+        shape = (batch_size, anyres_crops(config, height, width), vision.num_channels, vision.image_size, vision.image_size)
+        extra["image_sizes"] = torch.tensor([[height, width]] * batch_size)
+    else:  # Qwen-VL: the flattened patches of every image, one after the other
+        rows, cols = qwen_patch_grid(config, height, width)
+        shape = (batch_size * rows * cols, vision.in_channels * vision.temporal_patch_size * vision.patch_size**2)
+        extra["image_grid_thw"] = torch.tensor([[1, rows, cols]] * batch_size)
+    pixels = torch.randn(*shape, generator=generator)
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids).to(device),
         "pixel_values": pixels.to(device=device, dtype=dtype),
+        **{key: value.to(device) for key, value in extra.items()},
     }
 
 
@@ -111,7 +134,8 @@ def timed_pass(engine: PruningEngine, inputs: dict[str, torch.Tensor], method: M
     """One prefill + greedy decode; returns ms per stage and the visual tokens entering each layer."""
     clock = StageClock(engine.device)
     with clock("ttft"):
-        state = engine.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], method, budget, clock)
+        state = engine.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], method, budget, clock,
+                               engine.adapter.image_inputs(inputs))
         state.logits.argmax(-1)
     # the engine's own decode loop (a per-step host sync for EOS checks included, as in real use)
     engine.decode(state, DecodeConfig(max_new_tokens=decode_tokens, eos_token_id=None), clock, False)
@@ -207,8 +231,10 @@ def decoder_weight_bytes(engine: PruningEngine) -> int:
 PER_SAMPLE_COSTS = ("tflops", "tflops_vision", "kv_cache_bytes", "prefill_bound_ms", "tflops_decode_per_token", "decode_bound_ms")
 
 
-def batch_costs(engine: PruningEngine, tokens: list[list[int]], decode_steps: int, peaks: DevicePeaks) -> dict[str, float]:
-    """Analytic FLOPs, KV bytes and roofline bounds of one batch; ``tokens[b][l]`` per layer."""
+def batch_costs(engine: PruningEngine, tokens: list[list[int]], decode_steps: int, peaks: DevicePeaks,
+                image_size: tuple[int, int] = ProfileSettings.image_size) -> dict[str, float]:
+    """Analytic FLOPs, KV bytes and roofline bounds of one batch; ``tokens[b][l]`` per layer, one
+    ``image_size`` image per sample."""
     config = engine.model.config
     geometry = DecoderGeometry.from_config(config)
     element = engine.model.dtype.itemsize
@@ -217,7 +243,7 @@ def batch_costs(engine: PruningEngine, tokens: list[list[int]], decode_steps: in
     kv = kv_cache_bytes(geometry, tokens, element)
     costs = {
         "tflops": flops / 1e12,
-        "tflops_vision": vision_flops(config, len(tokens)) / 1e12,
+        "tflops_vision": vision_flops(config, len(tokens), *image_size) / 1e12,
         "kv_cache_bytes": kv,
         "prefill_bound_ms": roofline_ms(flops, weights + kv, peaks.flops_per_s, peaks.bytes_per_s),
     }
@@ -295,12 +321,13 @@ def cell_record(
     stats = summarise(cell.passes)
     visual, peak_memory = cell.visual, cell.peak_memory
 
-    config = engine.model.config
-    n_visual = visual_tokens_per_image(config)
+    n_visual = (inputs["input_ids"] == engine.adapter.image_token_id).sum(-1).cpu()
     text = inputs["attention_mask"].sum(-1).cpu() - n_visual
     tokens = (visual + text[:, None]).tolist()  # [sample][layer] tokens entering each layer
     batch = len(tokens)
-    costs = batch_costs(engine, tokens, settings.decode_tokens - 1, peaks)
+    costs = batch_costs(engine, tokens, settings.decode_tokens - 1, peaks, settings.image_size)
+    dynamic = engine.model.config.model_type != "llava"  # visual tokens depend on the image size
+    image = "x".join(map(str, settings.image_size))
     timing = {name: ms / batch for name, ms in stats.items()}
     timing |= {name: value / batch for name, value in costs.items() if name in PER_SAMPLE_COSTS}
     timing |= {
@@ -317,7 +344,8 @@ def cell_record(
         key=RecordKey(
             model=model_name, method=method.spec(), budget=str(budget), task="profile",
             setting=f"{str(engine.model.dtype).removeprefix('torch.')},batch={batch},"
-                    f"prompt={settings.prompt_tokens},decode={settings.decode_tokens},{device_name(device)}",
+                    f"prompt={settings.prompt_tokens},decode={settings.decode_tokens},"
+                    f"{f'image={image},' if dynamic else ''}{device_name(device)}",
         ),
         kind="profile",
         n_samples=settings.repeats * batch,
@@ -328,7 +356,7 @@ def cell_record(
             "nominal": budget.tokens if budget.tokens and budget.tokens > 0 else None,
             "mean_kept": visual[:, -1].float().mean().item(),
             "equivalent": visual.float().mean().item(),
-            "original": float(n_visual),
+            "original": n_visual.float().mean().item(),
         },
         timing=timing,
         provenance={
@@ -339,6 +367,7 @@ def cell_record(
             "batch_size": batch,
             "prompt_tokens": settings.prompt_tokens,
             "sequence_tokens": int(inputs["input_ids"].shape[1]),
+            **({"image_size": image} if dynamic else {}),
             "warmup": settings.warmup,
             "repeats": settings.repeats,
             "decode_tokens": settings.decode_tokens,
@@ -379,11 +408,12 @@ def plan_cells(methods: list[Method], budgets: list[Budget], n_visual: int, num_
 def load_profile_model(name: str, random_weights: bool, device: torch.device, dtype: str) -> tuple[nn.Module, str, bool]:
     """(model, the model name records carry, random weights?) for a built-in, preset or checkpoint.
 
-    ``random:tiny-llava``/``random:mid-llava`` are built in code; a preset (``llava-1.5-7b``,
+    ``random:tiny-llava``/``random:mid-llava`` and the tiny LLaVA-NeXT / Qwen-VL models
+    (``random:tiny-llava-next``, ...) are built in code; a preset (``llava-1.5-7b``,
     ``random:llava-1.5-7b``, or the hub id it transcribes with ``--random-weights``) is built from
     its shipped config with random weights on the device; anything else loads real weights.
     """
-    if name in BUILTIN_RANDOM:
+    if name in BUILTIN_RANDOM or name in BUILTIN_BACKBONES:
         model, _ = load_model(name, device=str(device), dtype=dtype)
         return model, name, True
     preset = resolve_preset(name)
@@ -392,7 +422,7 @@ def load_profile_model(name: str, random_weights: bool, device: torch.device, dt
         return build_random_model(preset, device, DTYPES[dtype]), f"random:{preset}", True
     if random_weights or name.startswith("random:"):
         raise PresetError(
-            f"no random-weight model {name!r}; valid choices: {', '.join(BUILTIN_RANDOM)}, "
+            f"no random-weight model {name!r}; valid choices: {', '.join([*BUILTIN_RANDOM, *BUILTIN_BACKBONES])}, "
             f"{', '.join(preset_names())}"
         )
     model, _ = load_model(name, device=str(device), dtype=dtype)
@@ -431,12 +461,14 @@ def _spread(timing: dict[str, float], stage: str) -> str:
 
 def report_header(records: list[Record], model_name: str, command: str) -> str:
     p = records[0].provenance
+    image = f" (one {p['image_size']} px image)" if "image_size" in p else ""
     return "\n".join([
         f"# prunebench profile: {model_name}",
         "",
         f"- command: `{command}`",
         f"- device: {p['device']} ({p['device_type']}, timer: {p['timer']}), dtype {p['dtype']}, batch {p['batch_size']}",
-        (f"- prompt: {p['prompt_tokens']} text tokens + {records[0].visual_tokens['original']:.0f} visual tokens; "
+        (f"- prompt: {p['prompt_tokens']} text tokens + {records[0].visual_tokens['original']:.0f} visual tokens"
+         f"{image}; "
          f"{p['warmup']} warm-up + {p['repeats']} timed passes per cell, interleaved; "
          f"{p['decode_tokens']} generated tokens per pass"),
         f"- measured peaks: {p['peak_tflops_per_s']:.3f} TFLOP/s matmul, {p['peak_bandwidth_gbs']:.1f} GB/s copy",
@@ -453,8 +485,8 @@ def report_header(records: list[Record], model_name: str, command: str) -> str:
 # -- command line --------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="random:mid-llava",
-                        help="random:tiny-llava, random:mid-llava, a preset (" + ", ".join(preset_names()) +
-                        "; random weights), or a LLaVA hub id / local directory")
+                        help=", ".join([*BUILTIN_RANDOM, *BUILTIN_BACKBONES]) + ", a preset (" + ", ".join(preset_names()) +
+                        "; random weights), or a LLaVA / LLaVA-NeXT / Qwen-VL hub id or local directory")
     parser.add_argument("--methods", default="none,random", help="method list, e.g. 'random:seed=1,fastv:layer=3'")
     parser.add_argument("--budgets", default="192,128,64", help="visual tokens kept: counts, fractions (0.25, 25%%) or 'all'")
     parser.add_argument("--random-weights", action="store_true",
@@ -464,6 +496,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_at_least(1), default=ProfileSettings.batch_size)
     parser.add_argument("--prompt-tokens", type=_at_least(1), default=ProfileSettings.prompt_tokens,
                         help="text tokens around the image")
+    parser.add_argument("--image-size", type=_image_size, default=ProfileSettings.image_size, metavar="HxW",
+                        help="the synthetic image, height x width px (default 672x672); sets the visual tokens of "
+                        "LLaVA-NeXT and Qwen-VL (Qwen-VL rounds its sides to multiples of 28 px; LLaVA-1.5 resizes any "
+                        "image to 336x336)")
     parser.add_argument("--warmup", type=_at_least(0), default=ProfileSettings.warmup)
     parser.add_argument("--repeats", type=_at_least(1), default=ProfileSettings.repeats)
     parser.add_argument("--decode-tokens", type=_at_least(1), default=ProfileSettings.decode_tokens,
@@ -493,14 +529,17 @@ def _profile(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     methods = [create_method(spec) for spec in parse_method_list(args.methods)]
     budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
-    settings = ProfileSettings(args.batch_size, args.prompt_tokens, args.warmup, args.repeats, args.decode_tokens)
+    settings = ProfileSettings(args.batch_size, args.prompt_tokens, args.warmup, args.repeats, args.decode_tokens,
+                               args.image_size)
     store = ResultStore(args.results)
     store.check_writable()
 
     model, model_name, random_weights = load_profile_model(args.model, args.random_weights, device, dtype)
     engine = PruningEngine(model)
-    inputs = synthetic_batch(model.config, settings.batch_size, settings.prompt_tokens, device, model.dtype)
-    cells = plan_cells(methods, budgets, visual_tokens_per_image(model.config), model.config.text_config.num_hidden_layers)
+    inputs = synthetic_batch(model.config, settings.batch_size, settings.prompt_tokens, device, model.dtype,
+                             image_size=settings.image_size)
+    n_visual = int((inputs["input_ids"][0] == engine.adapter.image_token_id).sum())
+    cells = plan_cells(methods, budgets, n_visual, engine.adapter.num_layers)
     peaks = measure_peaks(device, model.dtype)
     print(f"{device_name(device)}: {peaks.flops_per_s / 1e12:.3f} TFLOP/s matmul, {peaks.bytes_per_s / 1e9:.1f} GB/s copy "
           f"(measured, {dtype})", file=sys.stderr)
@@ -524,14 +563,27 @@ def _profile(args: argparse.Namespace) -> int:
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (every option spelled out)."""
     parts = ["prunebench", "profile"]
-    for option in ("model", "methods", "budgets", "dtype", "device", "batch_size", "prompt_tokens", "warmup",
-                   "repeats", "decode_tokens", "threads", "results", "markdown"):
+    for option in ("model", "methods", "budgets", "dtype", "device", "batch_size", "prompt_tokens", "image_size",
+                   "warmup", "repeats", "decode_tokens", "threads", "results", "markdown"):
         value = getattr(args, option)
+        if option == "image_size":
+            value = "x".join(map(str, value))
         if value is not None:
             parts += ["--" + option.replace("_", "-"), shlex.quote(str(value))]
     if args.random_weights:
         parts.append("--random-weights")
     return " ".join(parts)
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``HxW`` (e.g. 448x672) -> (448, 672)."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 672x672; got {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"image sides must be positive, got {text!r}")
+    return height, width
 
 
 def _at_least(low: int) -> Callable[[str], int]:

@@ -235,9 +235,10 @@ def test_cli_writes_profile_records_and_a_table(tmp_path, small_peaks, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "qwen2-vl-7b"], "Qwen2VLForConditionalGeneration.*backbone issue"),
-    (["--model", "llava-hf/llava-v1.6-vicuna-7b-hf", "--random-weights"], "LlavaNextForConditionalGeneration.*backbone issue"),
-    (["--model", "random:nosuch"], "valid choices: random:tiny-llava, random:mid-llava, llava-1.5-7b"),
+    # dynamic backbones: the budget is checked against the visual tokens of the --image-size image
+    (["--model", "random:tiny-qwen2-vl", "--image-size", "672x672", "--budgets", "577"], "K=577 exceeds the 576 visual tokens"),
+    (["--model", "random:tiny-llava-next", "--image-size", "112x112", "--budgets", "89"], "K=89 exceeds the 88 visual tokens"),
+    (["--model", "random:nosuch"], "valid choices: random:tiny-llava, random:mid-llava, .*random:tiny-qwen2-vl, .*llava-1.5-7b"),
     (["--model", "random:tiny-llava", "--budgets", "600"], "K=600 exceeds the 576 visual tokens"),
     (["--model", "random:tiny-llava", "--methods", "nosuch"], "unknown method 'nosuch'"),
 ])
@@ -267,15 +268,16 @@ def test_llava_15_preset_has_the_real_geometry_without_allocating_it():
 @pytest.mark.parametrize("name,cls,layers,hidden,kv_heads,params", [
     ("llava-next-7b", "LlavaNextForConditionalGeneration", 32, 4096, 32, 7.06e9),
     ("qwen2-vl-7b", "Qwen2VLForConditionalGeneration", 28, 3584, 4, 8.29e9),
+    ("qwen2.5-vl-7b", "Qwen2_5_VLForConditionalGeneration", 28, 3584, 4, 8.29e9),
 ])
-def test_other_presets_ship_their_geometry_but_cannot_be_profiled(name, cls, layers, hidden, kv_heads, params):
+def test_other_presets_ship_their_geometry_and_can_be_profiled(name, cls, layers, hidden, kv_heads, params):
     g = DecoderGeometry.from_config(preset_config(name))
     assert (g.layers, g.hidden, g.kv_heads) == (layers, hidden, kv_heads)
     model = build_random_model(name, device="meta")
     assert type(model).__name__ == cls
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.002)
-    with pytest.raises(NotImplementedError, match=f"{cls}.*presets/{name}.json.*backbone issue"):
-        check_engine_support(name)
+    assert PruningEngine(model).adapter.num_layers == layers
+    check_engine_support(name)  # an adapter and a FLOPs model: no refusal (tests/test_flops_backbones.py runs them)
 
 
 def test_preset_names_and_hub_ids_resolve():

@@ -28,7 +28,7 @@ from prunebench.train import (
     DataError,
     OptionError,
     StepBatches,
-    SyntheticCaptions,
+    BuiltinQuestions,
     TrainConfig,
     autoselect_loss,
     budget_at,
@@ -101,19 +101,19 @@ def test_step_batches_cover_each_epoch_and_split_across_processes():
 
 def test_synthetic_data_is_deterministic_and_in_vocabulary(small):
     _, processor = small
-    data = SyntheticCaptions(20)
-    assert data[3].answer == SyntheticCaptions(20)[3].answer
-    assert list(data[3].image.getdata()) == list(SyntheticCaptions(20)[3].image.getdata())
-    assert len({data[i].answer for i in range(20)}) > 10
-    assert any("the word is" in data[i].answer for i in range(20))
+    data = BuiltinQuestions(20)
+    assert data[3].answer == BuiltinQuestions(20)[3].answer
+    assert list(data[3].image.getdata()) == list(BuiltinQuestions(20)[3].image.getdata())
+    assert len({data[i].answer for i in range(20)}) > 5
+    assert all(data[i].question.endswith("Answer the question using a single word or phrase.") for i in range(20))
     unk = processor.tokenizer.unk_token_id
     for i in range(20):
-        assert unk not in processor.tokenizer(data[i].answer)["input_ids"], data[i].answer
+        assert unk not in processor.tokenizer(f"{data[i].question} {data[i].answer}")["input_ids"], data[i]
 
 
 def test_collator_labels_only_the_answer(small):
     _, processor = small
-    examples = [SyntheticCaptions(4)[i] for i in range(3)]
+    examples = [BuiltinQuestions(4)[i] for i in range(3)]
     batch = Collator(processor)(examples)
     tok = processor.tokenizer
     for row, ex in enumerate(examples):
@@ -121,7 +121,7 @@ def test_collator_labels_only_the_answer(small):
         expected = tok(" " + ex.answer)["input_ids"] + [tok.eos_token_id]
         assert batch["input_ids"][row][labelled].tolist() == expected
         assert batch["labels"][row][labelled].tolist() == expected
-        assert int(batch["attention_mask"][row].sum()) == int(labelled.sum()) + len(tok(PROMPT_TEMPLATE.format(question=CAPTION_PROMPT))["input_ids"]) + 63
+        assert int(batch["attention_mask"][row].sum()) == int(labelled.sum()) + len(tok(PROMPT_TEMPLATE.format(question=ex.question))["input_ids"]) + 63
     assert int((batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 3 * 64
 
 
@@ -170,7 +170,7 @@ def test_hub_dataset_not_in_the_cache_fails_fast():
 def test_vlm_loss_equals_the_models_own_loss(small):
     """With the vision features unchanged, our frozen forward is the HF model's forward."""
     model, processor = small
-    batch = Collator(processor)([SyntheticCaptions(4)[i] for i in range(3)])
+    batch = Collator(processor)([BuiltinQuestions(4)[i] for i in range(3)])
     adapter = adapter_for(model)
     with torch.no_grad():
         ours = vlm_loss(adapter, batch, adapter.project(vision_features(adapter, batch["pixel_values"])))
@@ -189,7 +189,7 @@ def test_training_lowers_the_loss_and_leaves_the_vlm_untouched(small, tmp_path):
     model, processor = small
     frozen = {name: t.clone() for name, t in model.state_dict().items()}
     cfg = config(tmp_path, data="synthetic:2", steps=25, tau_start=0.5, tau_end=0.1)
-    batch = Collator(processor)([SyntheticCaptions(2)[i] for i in range(2)])
+    batch = Collator(processor)([BuiltinQuestions(2)[i] for i in range(2)])
     adapter = adapter_for(model)
     before = eval_loss(build_module(cfg, 32, 64), adapter, batch)
     history = train(cfg, model, processor)

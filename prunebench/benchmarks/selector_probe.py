@@ -1,14 +1,13 @@
 """Do trained selectors keep the patches that hold the content? A proxy check on synthetic images.
 
-    prunebench train autoselect --model random:tiny-llava --data synthetic:2000 --steps 300 \\
-        --batch-size 8 --lr 1e-3 --out /tmp/sel-autoselect
-    python -m prunebench.benchmarks.selector_probe --kind autoselect --ckpt /tmp/sel-autoselect
+    python -m prunebench.benchmarks.selector_probe --kind autoselect     # the shipped checkpoint
+    python -m prunebench.benchmarks.selector_probe --kind autoselect --ckpt DIR --model MODEL
 
-On synthetic images the trainer never saw (another seed), a patch is *foreground* when any of its
-pixels differs from the background. For K = 64 / 128 the probe reports the recall of foreground
-patches among the selector's top-K (capped by the number of foreground patches) next to K drawn
-uniformly at random. Until the built-in trained tiny LLaVA exists this is the evidence that a
-selector learned where the content is; it says nothing about answer accuracy.
+On images of the built-in world the trainer never saw (another seed), a patch is *foreground*
+when any of its pixels differs from the background. For K = 64 / 128 the probe reports the recall
+of foreground patches among the selector's top-K (capped by the number of foreground patches)
+next to K drawn uniformly at random: whether a selector learned where the content is, apart from
+answer accuracy (which `prunebench run` measures).
 """
 
 from __future__ import annotations
@@ -20,8 +19,10 @@ import torch
 
 from prunebench.adapters import adapter_for
 from prunebench.models import load_model
-from prunebench.selectors import load_selector
-from prunebench.train import Collator, SyntheticCaptions, vision_features
+from PIL import Image
+
+from prunebench.selectors import load_selector, shipped_checkpoint
+from prunebench.train import BuiltinQuestions, Collator, vision_features
 
 
 def foreground_patches(image, patch: int) -> np.ndarray:
@@ -35,8 +36,8 @@ def foreground_patches(image, patch: int) -> np.ndarray:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=["autoselect", "gumbel"], required=True)
-    parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--model", default="random:tiny-llava")
+    parser.add_argument("--ckpt", default=None, help="default: the checkpoint shipped for builtin:tiny-llava")
+    parser.add_argument("--model", default="builtin:tiny-llava")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--seed", type=int, default=99, help="synthetic image seed (training uses 0)")
     parser.add_argument("--budgets", default="64,128")
@@ -44,9 +45,10 @@ def main(argv: list[str] | None = None) -> None:
 
     model, processor = load_model(args.model)
     adapter = adapter_for(model)
-    selector = load_selector(args.ckpt, args.kind)
-    patch = model.config.vision_config.patch_size
-    data = SyntheticCaptions(args.images, seed=args.seed, image_size=model.config.vision_config.image_size)
+    ckpt = args.ckpt or shipped_checkpoint(args.kind)
+    selector = load_selector(ckpt, args.kind)
+    patch, size = model.config.vision_config.patch_size, model.config.vision_config.image_size
+    data = BuiltinQuestions(args.images, seed=args.seed)
     collate = Collator(processor, with_text=False)
     rng = np.random.default_rng(0)
     budgets = [int(k) for k in args.budgets.split(",")]
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     shares = []
     for i in range(args.images):
         example = data[i]
-        foreground = foreground_patches(example.image, patch)
+        foreground = foreground_patches(example.image.resize((size, size), Image.NEAREST), patch)
         shares.append(foreground.mean())
         with torch.no_grad():
             scores = selector.scores(vision_features(adapter, collate([example])["pixel_values"]))[0]
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             cap = max(1, min(k, int(foreground.sum())))
             learned[k].append(foreground[scores.topk(k).indices.numpy()].sum() / cap)
             uniform[k].append(foreground[rng.permutation(len(foreground))[:k]].sum() / cap)
-    print(f"{args.kind} ({args.ckpt}) on {args.images} unseen images; foreground = {np.mean(shares):.1%} of patches")
+    print(f"{args.kind} ({ckpt}) on {args.images} unseen images; foreground = {np.mean(shares):.1%} of patches")
     print("| K | foreground recall, learned | foreground recall, random |")
     print("|---|---|---|")
     for k in budgets:

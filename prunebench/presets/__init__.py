@@ -6,17 +6,17 @@ Llama's defaults implicit). Random weights give the real shapes and therefore th
 timings; they give no meaningful answers.
 
     llava-1.5-7b   llava-hf/llava-1.5-7b-hf           CLIP-L/336 (576 tokens) + Vicuna-7B
-    llava-next-7b  llava-hf/llava-v1.6-vicuna-7b-hf   anyres, up to 5 x 576 tokens + Vicuna-7B
+    llava-next-7b  llava-hf/llava-v1.6-vicuna-7b-hf   anyres, up to 2928 tokens + Vicuna-7B
     qwen2-vl-7b    Qwen/Qwen2-VL-7B-Instruct          dynamic resolution, M-RoPE, Qwen2-7B
     qwen2.5-vl-7b  Qwen/Qwen2.5-VL-7B-Instruct        the same with a windowed vision tower
 
-The engine runs all four (prunebench/adapters.py). ``prunebench profile`` still needs
-fixed-resolution inputs: its synthetic batch and FLOPs model (prunebench/flops.py) cover
-LLaVA-1.5 only, so :func:`check_engine_support` refuses the others, naming that gap.
+The engine and ``prunebench profile`` run all four (prunebench/adapters.py; the profiler's
+synthetic anyres / dynamic-resolution inputs and the FLOPs model in prunebench/flops.py).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cache
 from pathlib import Path
@@ -28,10 +28,6 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 from prunebench.adapters import adapter_for
 
 PRESET_DIR = Path(__file__).parent
-BACKBONE_ISSUE = (
-    "the backbone issue's profiler part: synthetic anyres / dynamic-resolution inputs and a FLOPs model "
-    "for their vision towers (the engine itself runs this backbone)"
-)
 
 
 class PresetError(ValueError):
@@ -60,7 +56,7 @@ def preset_config(name: str) -> PretrainedConfig:
     if preset is None:
         choices = ", ".join(f"{p} ({raw['_name_or_path']})" for p, raw in _raw().items())
         raise PresetError(f"no random-weight preset for {name!r}; valid choices: {choices}")
-    raw = dict(_raw()[preset])
+    raw = copy.deepcopy(_raw()[preset])  # a caller may change the config it gets: never the cached copy
     return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
 
 
@@ -79,20 +75,22 @@ def build_random_model(name: str, device: str | torch.device = "cpu", dtype: tor
 
 def check_engine_support(name: str) -> None:
     """Raise NotImplementedError if the preset's backbone cannot be profiled: the engine has no
-    adapter for it, or the profiler cannot build its inputs and count its FLOPs.
+    adapter for it, or the FLOPs model cannot count its visual tokens and vision tower.
 
     Asks the adapter registry and the FLOPs model themselves, on a weightless (meta) build, so
     nothing is allocated.
     """
-    from prunebench.flops import visual_tokens_per_image
+    from prunebench.flops import image_tokens, vision_flops
 
     model = build_random_model(name, device="meta")
     try:
         adapter_for(model)
-        visual_tokens_per_image(model.config)
+        image_tokens(model.config, 672, 672)
+        vision_flops(model.config, 1, 672, 672)
     except NotImplementedError as err:
         preset = resolve_preset(name)
         raise NotImplementedError(
-            f"preset {preset!r} ({type(model).__name__}) cannot be profiled yet: {err}. Its config ships in "
-            f"prunebench/presets/{preset}.json; profiling it waits on {BACKBONE_ISSUE}."
+            f"preset {preset!r} ({type(model).__name__}) cannot be profiled: {err}. Its config ships in "
+            f"prunebench/presets/{preset}.json; profiling it needs an adapter (prunebench/adapters.py) and a "
+            "FLOPs model (prunebench/flops.py) for its architecture."
         ) from None

@@ -1,0 +1,240 @@
+"""Visual tokens and vision FLOPs of LLaVA-NeXT (anyres) and Qwen2-VL / Qwen2.5-VL (dynamic
+resolution, windowed ViT): against the processors, torch's FLOP counter, hand counts of the 7B
+presets, and `prunebench profile` end to end on the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_backbone, make_image
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlavaNextProcessor
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+)
+
+from prunebench import cli, presets, profiler
+from prunebench.backbones import (
+    NEXT_PROMPT_TEMPLATE,
+    QWEN_PROMPT_TEMPLATE,
+    QwenVLInputs,
+)
+from prunebench.budget import Budget
+from prunebench.flops import (
+    DecoderGeometry,
+    image_tokens,
+    kv_cache_bytes,
+    max_image_tokens,
+    prefill_flops,
+    qwen_windows,
+    vision_flops,
+)
+from prunebench.method import create_method
+from prunebench.models import build_tokenizer
+from prunebench.presets import preset_config
+from prunebench.results import ResultStore
+from prunebench.timing import StageClock
+
+CPU = torch.device("cpu")
+PEAKS = profiler.DevicePeaks(flops_per_s=1e11, bytes_per_s=1e10)
+# (height, width) px: wide, tall, square, extreme; on Qwen2.5-VL's tiny 2x2-token windows several are cut at the edges
+SIZES = [(56, 100), (112, 60), (80, 80), (300, 40), (252, 168)]
+
+
+@pytest.fixture(scope="module", params=["llava-next", "qwen2-vl", "qwen2.5-vl"])
+def eager_backbone(request):
+    """Eager attention: its matmuls are visible to FlopCounterMode (CPU SDPA is not)."""
+    return build_backbone(request.param, attn_implementation="eager")
+
+
+def count(backbone, height: int, width: int):
+    inputs = backbone.processor(images=[make_image(height, width, 0)], text=[backbone.template.format(question="what")],
+                                return_tensors="pt")
+    return inputs, int((inputs["input_ids"] == backbone.model.config.image_token_id).sum())
+
+
+@pytest.mark.parametrize("height,width", SIZES)
+def test_visual_tokens_match_the_processor_and_the_engine(eager_backbone, height, width):
+    inputs, n = count(eager_backbone, height, width)
+    assert image_tokens(eager_backbone.model.config, height, width) == n
+    with torch.inference_mode():
+        vision = eager_backbone.engine.adapter.encode_images(
+            inputs["pixel_values"], **eager_backbone.engine.adapter.image_inputs(inputs))
+    assert vision.counts == [n]
+
+
+@pytest.mark.parametrize("height,width", SIZES)
+def test_vision_and_prefill_flops_equal_torchs_flop_counter(eager_backbone, height, width):
+    """One pruned prefill under FlopCounterMode = vision_flops + prefill_flops of the tokens the
+    engine reports per layer (random selects with no matmul of its own)."""
+    inputs, n = count(eager_backbone, height, width)
+    engine = eager_backbone.engine
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        state = engine.prefill(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                               create_method("random"), Budget.parse("50%"), StageClock("cpu", enabled=False),
+                               engine.adapter.image_inputs(inputs))
+    config = eager_backbone.model.config
+    text = int(inputs["attention_mask"].sum()) - n
+    tokens = (state.visual_tokens + text).tolist()
+    expected = vision_flops(config, 1, height, width) + prefill_flops(DecoderGeometry.from_config(config), tokens)
+    assert counter.get_total_flops() == expected
+
+
+# -- the 7B presets, by hand -------------------------------------------------------------------------
+def next_7b_processor() -> LlavaNextProcessor:
+    """LLaVA-NeXT-7B's image geometry (336 px crops, its pinpoints) with the tokenizer made in code."""
+    config = preset_config("llava-next-7b")
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                        image_grid_pinpoints=config.image_grid_pinpoints)
+    return LlavaNextProcessor(image_processor=images, tokenizer=build_tokenizer(), patch_size=14,
+                              vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1)
+
+
+@pytest.mark.parametrize("height,width,expected", [
+    (336, 672, 576 + 24 * 48 + 24),  # pinpoint 336x672: base + 1x2 crops of 24x24, a newline per row
+    (672, 672, 576 + 48 * 48 + 48),  # the largest: 2928
+    (480, 640, None),  # a COCO-sized photo: unpadded rows
+    (1000, 200, None),
+])
+def test_llava_next_7b_tokens(height, width, expected):
+    config = preset_config("llava-next-7b")
+    processor = next_7b_processor()
+    prompt = NEXT_PROMPT_TEMPLATE.format(question="what")
+    inputs = processor(images=[make_image(height, width, 1)], text=[prompt], return_tensors="pt")
+    n = int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
+    assert image_tokens(config, height, width) == n
+    if expected is not None:
+        assert n == expected
+    assert max_image_tokens(config) == 2928
+
+
+def test_qwen2_vl_7b_tokens_follow_its_processor():
+    """Qwen2-VL-7B's processor (default min/max pixels): 448x448 px -> 32x32 patches -> 256 tokens."""
+    config = preset_config("qwen2-vl-7b")
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"], special_tokens=True)
+    processor = QwenVLInputs(Qwen2VLImageProcessorPil(), tokenizer)
+    for height, width in [(448, 448), (480, 640), (224, 896)]:
+        inputs = processor(images=[make_image(height, width, 2)], text=[QWEN_PROMPT_TEMPLATE.format(question="what")])
+        assert image_tokens(config, height, width) == int((inputs["input_ids"] == processor.image_token_id).sum())
+        assert image_tokens(config, height, width) == int(inputs["image_grid_thw"].prod()) // 4
+    assert image_tokens(config, 448, 448) == (448 // 14) ** 2 // 4 == 256
+    assert max_image_tokens(config, processor.image_processor) == 28 * 28 * 1280 // 28**2  # max_pixels / (28 px)^2
+
+
+def test_qwen2_vl_7b_vision_flops_by_hand():
+    """448x448 px: P = 1024 patches, d = 1280, MLP 4d = 5120, merger 4d -> 4d -> 3584 on 256 tokens.
+    MACs: patch embedding P x (3 x 2 x 14 x 14) x d; per block 4Pd^2 + 2P^2d + 2Pdm; 32 blocks."""
+    p, d = 1024, 1280
+    macs = p * 1176 * d + 32 * (4 * p * d * d + 2 * p * p * d + 2 * p * d * 5120) + 256 * (5120 * 5120 + 5120 * 3584)
+    assert vision_flops(preset_config("qwen2-vl-7b"), 1, 448, 448) == 2 * macs
+    assert 2 * macs / 1e12 == pytest.approx(1.486, abs=1e-3)
+
+
+def test_qwen2_5_vl_7b_vision_flops_by_hand():
+    """448x448 px: 16x16 merged tokens in 112 px windows of 4x4 tokens -> 16 windows of 64 patches;
+    blocks 7, 15, 23, 31 attend over all 1024 patches, the other 28 within their window; gated MLP
+    of 3420."""
+    config = preset_config("qwen2.5-vl-7b")
+    assert qwen_windows(config, 32, 32) == [64] * 16
+    p, d = 1024, 1280
+    attention = 28 * 2 * d * 16 * 64 * 64 + 4 * 2 * p * p * d
+    macs = p * 1176 * d + 32 * (4 * p * d * d + 3 * p * d * 3420) + attention + 256 * (5120 * 5120 + 5120 * 3584)
+    assert vision_flops(config, 1, 448, 448) == 2 * macs
+    # an image that is not a whole number of windows: 644x476 px -> 23x17 merged tokens
+    assert qwen_windows(config, 46, 34) == ([64] * 4 + [16]) * 5 + [48] * 4 + [12]
+
+
+def test_llava_next_7b_vision_flops_are_clip_per_crop():
+    """336x672 px: base + 2 crops through CLIP-L/336; the projector on all 3 x 576 features."""
+    next_config, llava_config = preset_config("llava-next-7b"), preset_config("llava-1.5-7b")
+    assert vision_flops(next_config, 1, 336, 672) == 3 * vision_flops(llava_config, 1)
+    assert vision_flops(next_config, 2, 672, 672) == 10 * vision_flops(llava_config, 1)
+
+
+def test_7b_decoder_costs_at_their_visual_tokens():
+    """LLM prefill and KV cache at the preset's tokens: Qwen2-VL-7B (GQA, 4 x 128 KV width) at 256
+    visual + 64 text tokens; LLaVA-NeXT-7B (MHA 4096) at 2928 + 64."""
+    qwen = DecoderGeometry.from_config(preset_config("qwen2-vl-7b"))
+    n = 256 + 64
+    layer = n * 3584 * (3584 + 2 * 512) + n * 3584 * 3584 + 2 * n * n * 3584 + 3 * n * 3584 * 18944
+    assert prefill_flops(qwen, [[n] * 28]) == 2 * 28 * layer + 2 * 3584 * 152064
+    assert kv_cache_bytes(qwen, [[n] * 28], 2) == 2 * 28 * 512 * n * 2  # bf16: 18.4 MB
+    llava_next = DecoderGeometry.from_config(preset_config("llava-next-7b"))
+    n = 2928 + 64
+    layer = 4 * n * 4096**2 + 2 * n * n * 4096 + 3 * n * 4096 * 11008  # MHA: 4nd^2 + 2n^2d + 3ndm
+    assert prefill_flops(llava_next, [[n] * 32]) == 2 * 32 * layer + 2 * 4096 * 32064
+    assert kv_cache_bytes(llava_next, [[n] * 32], 2) == 2 * 32 * 4096 * n * 2
+
+
+# -- the profiler ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,size", [("llava-next-7b", (336, 672)), ("qwen2-vl-7b", (448, 448)), ("qwen2.5-vl-7b", (448, 448))])
+def test_preset_profile_path_on_a_narrowed_copy(monkeypatch, name, size):
+    """What `prunebench profile --model <preset> --random-weights` runs on a GPU (shipped config ->
+    random weights on the device -> synthetic anyres / dynamic-resolution batch), on a copy narrowed
+    to fit a CPU test: the visual tokens and vision FLOPs of the real image geometry."""
+    real = presets.preset_config
+
+    def narrow(preset):
+        config = real(preset)
+        config.text_config.update({"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32})
+        if config.model_type == "llava_next":
+            config.vision_config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                                         "num_attention_heads": 2})
+        else:
+            config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": [4, 6, 6]}
+            wide = {"depth": 2, "num_heads": 2, "hidden_size": 32} | (
+                {"intermediate_size": 64, "out_hidden_size": 128, "fullatt_block_indexes": [1]}
+                if config.model_type == "qwen2_5_vl" else {"embed_dim": 32, "hidden_size": 128})
+            config.vision_config.update(wide)
+        return config
+
+    monkeypatch.setattr(presets, "preset_config", narrow)
+    model, model_name, random = profiler.load_profile_model(real(name)._name_or_path, True, CPU, "float32")
+    assert (model_name, random) == (f"random:{name}", True)
+    engine = profiler.PruningEngine(model)
+    settings = profiler.ProfileSettings(batch_size=1, prompt_tokens=8, warmup=0, repeats=1, decode_tokens=2, image_size=size)
+    inputs = profiler.synthetic_batch(model.config, 1, 8, CPU, model.dtype, image_size=size)
+    cells = [(create_method("random"), Budget.parse(64))]
+    (record,) = profiler.profile_cells(engine, inputs, cells, settings, PEAKS, model_name)
+    n = {"llava-next-7b": 1752, "qwen2-vl-7b": 256, "qwen2.5-vl-7b": 256}[name]
+    assert record.visual_tokens["original"] == n == image_tokens(real(name), *size)
+    assert record.timing["tflops_vision"] == pytest.approx(vision_flops(model.config, 1, *size) / 1e12)
+    g = DecoderGeometry.from_config(model.config)
+    assert record.timing["tflops"] == pytest.approx(prefill_flops(g, [[64 + 8] * 2]) / 1e12)
+    assert record.provenance["image_size"] == "x".join(map(str, size)) and f"image={size[0]}x{size[1]}" in record.key.setting
+
+
+@pytest.mark.parametrize("model", ["random:tiny-llava-next", "random:tiny-qwen2-vl", "random:tiny-qwen2.5-vl"])
+def test_profile_cli_end_to_end_on_tiny_backbones(tmp_path, monkeypatch, capsys, model):
+    real = profiler.measure_peaks
+    monkeypatch.setattr(profiler, "measure_peaks", lambda device, dtype: real(device, dtype, 128, 1 << 20, 2))
+    argv = ["profile", "--model", model, "--methods", "none,random", "--budgets", "25%,8", "--image-size", "140x112",
+            "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--prompt-tokens", "8", "--results", str(tmp_path)]
+    assert cli.main(argv) == 0
+    records = {(r.key.method, r.key.budget): r for r in ResultStore(tmp_path).records()}
+    assert set(records) == {("none", "all"), ("random", "25%"), ("random", "8")}
+    config = profiler.load_profile_model(model, False, CPU, "float32")[0].config
+    n = image_tokens(config, 140, 112)
+    for (method, budget), record in records.items():
+        kept = n if budget == "all" else Budget.parse(budget).resolve(n)
+        assert record.visual_tokens["original"] == n and record.visual_tokens["mean_kept"] == kept
+        assert record.timing["tflops_vision"] == pytest.approx(vision_flops(config, 1, 140, 112) / 1e12)
+        assert record.provenance["image_size"] == "140x112" and "--image-size 140x112" in record.provenance["command"]
+    assert "| random | 8 | 8 |" in capsys.readouterr().out
+
+
+def test_a_preset_without_a_flops_model_is_refused_clearly(monkeypatch):
+    """A shipped config whose vision tower the FLOPs model does not know (SigLIP here) is refused,
+    naming the architecture and what profiling it needs."""
+    raw = presets._raw()
+    siglip = dict(raw["llava-1.5-7b"], _name_or_path="someone/llava-siglip")
+    siglip["vision_config"] = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+                               "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 224, "patch_size": 14}
+    monkeypatch.setattr(presets, "_raw", lambda: {**raw, "llava-siglip": siglip})
+    with pytest.raises(NotImplementedError, match="'llava-siglip'.*siglip_vision_model.*presets/llava-siglip.json"):
+        presets.check_engine_support("llava-siglip")

@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from prunebench.budget import Budget, BudgetError
-from prunebench.method import Method, MethodError, PositionPolicy, Selection, Stage, register_method
+from prunebench.method import (
+    Method,
+    MethodError,
+    PositionPolicy,
+    Selection,
+    Stage,
+    register_method,
+)
 from prunebench.signals import StageContext
 
 

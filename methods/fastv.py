@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from prunebench.budget import Budget
-from prunebench.method import Method, MethodError, PositionPolicy, Selection, Stage, register_method
+from prunebench.method import (
+    Method,
+    MethodError,
+    PositionPolicy,
+    Selection,
+    Stage,
+    register_method,
+)
 from prunebench.signals import StageContext
 
 

@@ -34,7 +34,14 @@ from typing import ClassVar
 import torch
 
 from prunebench.budget import Budget, layer_averaged_counts
-from prunebench.method import Method, MethodError, PositionPolicy, Selection, Stage, register_method
+from prunebench.method import (
+    Method,
+    MethodError,
+    PositionPolicy,
+    Selection,
+    Stage,
+    register_method,
+)
 from prunebench.signals import StageContext
 
 

@@ -46,7 +46,15 @@ from typing import ClassVar, Literal
 import torch
 
 from prunebench.budget import Budget, layer_averaged_counts
-from prunebench.method import PRE_LLM, Method, MethodError, PositionPolicy, Selection, Stage, register_method
+from prunebench.method import (
+    PRE_LLM,
+    Method,
+    MethodError,
+    PositionPolicy,
+    Selection,
+    Stage,
+    register_method,
+)
 from prunebench.signals import StageContext
 
 PUBLISHED = {

@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from prunebench.budget import Budget, BudgetError
-from prunebench.method import PRE_LLM, Method, MethodError, Selection, Stage, register_method
+from prunebench.method import (
+    PRE_LLM,
+    Method,
+    MethodError,
+    Selection,
+    Stage,
+    register_method,
+)
 from prunebench.signals import StageContext
 
 CONTEXTUAL_RATIO = 10 / 64  # published: 10 of 64, 20 of 128, 30 of 192

@@ -42,7 +42,7 @@ class Budget:
         return cls(tokens=-1)
 
     @classmethod
-    def parse(cls, text: str | int | float | Budget) -> Budget:
+    def parse(cls, text: str | float | Budget) -> Budget:
         if isinstance(text, Budget):
             return text
         if isinstance(text, int):

@@ -14,7 +14,10 @@ are other streams). Joint next-token training from scratch stays at chance on th
    content linearly readable by the LLM.
 2. language: vision frozen; projector and Llama learn question answering with several questions
    per image in one multi-turn sequence (the 576 visual tokens are paid once per image), loss on
-   the answers only.
+   the answers only. Finding 2-4 answer-bearing tokens among 576 is learned slowly when attention
+   starts uniform, so a curriculum first shows every patch that holds something but few
+   background patches (at their original positions), then more, until the full unpruned input
+   for the second half of training.
 
 Every step logs; probe accuracy per question kind (single-question prompts, exactly the
 evaluation format, from a held-out stream) is logged every ``eval_every`` steps and saved with the
@@ -35,26 +38,44 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from prunebench.models import BUILTIN_SPEC, PROMPT_TEMPLATE, build_processor, build_tokenizer, tiny_llava_config
+from prunebench.models import (
+    BUILTIN_SPEC,
+    PROMPT_TEMPLATE,
+    build_processor,
+    build_tokenizer,
+    tiny_llava_config,
+)
 from prunebench.tasks import synthetic as world
 
 LOG_NAME = "training_log.json"
+CURVE_NAME = "learning_curve.md"
 
 
 @dataclass
 class Recipe:
-    vision_steps: int = 400
+    vision_steps: int = 200
     vision_batch: int = 32
     vision_lr: float = 3e-3
     language_steps: int = 1500
     language_batch: int = 16
     language_lr: float = 1e-3
     turns: int = 6  # questions per image in one training sequence
+    distractors_start: float = 0.02  # share of background patches shown at the first language step
+    distractors_full: float = 0.5  # ... rising to all of them by this share of the language steps
     warmup: int = 30
     eval_every: int = 100
     probes: int = 240
     seed: int = 0
     threads: int = 2
+
+
+def _background_fraction(step: int, r: Recipe) -> float:
+    """Curriculum: the share of background patches shown, from ``distractors_start`` up to all of
+    them at ``distractors_full`` of the language steps (then the real, unpruned input)."""
+    ramp = r.distractors_full * r.language_steps
+    if step >= ramp:
+        return 1.0
+    return r.distractors_start + (1 - r.distractors_start) * (step / ramp) ** 2
 
 
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -202,11 +223,46 @@ class Trainer:
         for step in range(r.language_steps):
             examples = [world.training_example(r.seed, step * r.language_batch + i, turns=r.turns)
                         for i in range(r.language_batch)]
-            batch = self._batch([turns for _, turns in examples], [scene for scene, _ in examples])
-            loss = self.model(**batch).loss
+            scenes = [scene for scene, _ in examples]
+            batch = self._batch([turns for _, turns in examples], scenes)
+            fraction = _background_fraction(step, r)
+            loss = self.model(**batch).loss if fraction >= 1 else self._thinned_loss(batch, scenes, fraction, step)
             self._step(optimizer, params, loss, _lr(step, r.language_steps, r.language_lr, r.warmup))
             probe = self.probe() if (step + 1) % r.eval_every == 0 or step + 1 == r.language_steps else None
             self._record("language", step, loss, probe)
+
+    def _thinned_loss(self, batch: dict[str, torch.Tensor], scenes: list[world.Scene], fraction: float,
+                      step: int) -> torch.Tensor:
+        """The next-token loss with every patch that shows something kept but only ``fraction`` of
+        the background ones, all at their original positions (as the engine prunes under the
+        "original" policy). Few distractors make the answer-bearing tokens easy to find early on."""
+        from prunebench.adapters import LlavaAdapter
+
+        adapter = LlavaAdapter(self.model)
+        with torch.no_grad():
+            features = adapter.encode_images(batch["pixel_values"]).features
+        visual = adapter.project(features)  # (B, 576, D); the projector trains
+        generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step)
+        rows, labels, positions = [], [], []
+        for b, scene in enumerate(scenes):
+            ids, lab = batch["input_ids"][b], batch["labels"][b]
+            length = int(batch["attention_mask"][b].sum())
+            start = int((ids == adapter.image_token_id).nonzero()[0])
+            shown = torch.from_numpy(world.patch_labels(scene)["shape"].reshape(-1) > 0)
+            keep = (shown | (torch.rand(self.n_image, generator=generator) < fraction)).nonzero()[:, 0]
+            end = start + self.n_image
+            rows.append(torch.cat([adapter.embed(ids[:start]), visual[b, keep], adapter.embed(ids[end:length])]))
+            labels.append(torch.cat([lab[:start], torch.full((len(keep),), -100), lab[end:length]]))
+            positions.append(torch.cat([torch.arange(start), start + keep, torch.arange(end, length)]))
+        width = max(len(x) for x in rows)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows])
+        hidden = torch.stack([F.pad(x, (0, 0, 0, width - len(x))) for x in rows])
+        labels = torch.stack([F.pad(x, (0, width - len(x)), value=-100) for x in labels])
+        positions = torch.stack([F.pad(x, (0, width - len(x))) for x in positions])
+        out = adapter.decoder(inputs_embeds=hidden, attention_mask=mask, position_ids=positions, use_cache=False)
+        targets = labels[:, 1:]
+        scored = targets != -100
+        return F.cross_entropy(adapter.lm_head(out.last_hidden_state[:, :-1][scored]), targets[scored])
 
     @torch.no_grad()
     def probe(self) -> dict[str, float]:
@@ -241,7 +297,7 @@ class Trainer:
         self.log.append(entry)
         if (stage == "language" and metrics) or (step + 1) % 25 == 0:
             shown = "  ".join(f"{k} {v:.2f}" for k, v in (metrics or {}).items())
-            self.console.print(f"{stage} {step + 1:5d}  loss {float(loss):.4f}  {entry['seconds']:7.1f}s  {shown}",
+            self.console.print(f"{stage} {step + 1:5d}  loss {entry['loss']:.4f}  {entry['seconds']:7.1f}s  {shown}",
                                soft_wrap=True)
 
     def save(self, out: Path) -> None:
@@ -252,6 +308,29 @@ class Trainer:
         record = {"recipe": asdict(self.recipe), "seconds": round(time.perf_counter() - self.started, 1),
                   "threads": torch.get_num_threads(), "log": self.log}
         (out / LOG_NAME).write_text(json.dumps(record, indent=1) + "\n")
+        (out / CURVE_NAME).write_text(learning_curve(record))
+
+
+def learning_curve(record: dict) -> str:
+    """Markdown: probe accuracy per question kind at every evaluation step of the language stage."""
+    rows = [e for e in record["log"] if e["stage"] == "language" and "accuracy" in e]
+    if not rows:
+        return "no evaluation steps were logged\n"
+    kinds = list(rows[-1]["accuracy"])
+    r = record["recipe"]
+    lines = [
+        f"Training of builtin:tiny-llava: {r['vision_steps']} vision steps (batch {r['vision_batch']}), then "
+        f"{r['language_steps']} language steps (batch {r['language_batch']} images x {r['turns']} questions); "
+        f"{record['seconds'] / 60:.1f} min on {record['threads']} CPU threads. Probe accuracy (greedy first "
+        f"answer token, {r['probes']} held-out questions):",
+        "",
+        "| step | loss | min | " + " | ".join(kinds) + " |",
+        "|---" * (len(kinds) + 3) + "|",
+    ]
+    for e in rows:
+        cells = " | ".join(f"{e['accuracy'].get(k, float('nan')):.2f}" for k in kinds)
+        lines.append(f"| {e['step']} | {e['loss']:.3f} | {e['seconds'] / 60:.1f} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def train(recipe: Recipe, out: Path, console: Console | None = None) -> Trainer:

@@ -35,15 +35,7 @@ class ModelNotFoundError(UserError, FileNotFoundError):
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 # Lower-case words (the tokenizer lower-cases its input): LLaVA's roles, the built-in tasks'
 # questions and answers (tasks/synthetic.py), and some general words.
-WORDS = (
-    "user assistant : . , ? ! ' a an the is are of in on to and or what which where how many "
-    "color colour shape left right top bottom above below next there yes no red green blue yellow "
-    "purple orange black white gray pink brown circle square triangle circles squares triangles star cross "
-    "object objects image picture word number text written read say does do any count answer question with "
-    "using single one two three four five six seven eight nine ten zero describe this that it "
-    "small large big tiny please short phrase "
-    "cat dog sun car bus box cup hat pen key map egg fox owl bee cow pig bat ant jar"
-).split() + [str(n) for n in range(10, 100)]
+WORDS = ["user", "assistant", ":", ".", ",", "?", "!", "'", "a", "an", "the", "is", "are", "of", "in", "on", "to", "and", "or", "what", "which", "where", "how", "many", "color", "colour", "shape", "left", "right", "top", "bottom", "above", "below", "next", "there", "yes", "no", "red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "pink", "brown", "circle", "square", "triangle", "circles", "squares", "triangles", "star", "cross", "object", "objects", "image", "picture", "word", "number", "text", "written", "read", "say", "does", "do", "any", "count", "answer", "question", "with", "using", "single", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "zero", "describe", "this", "that", "it", "small", "large", "big", "tiny", "please", "short", "phrase", "cat", "dog", "sun", "car", "bus", "box", "cup", "hat", "pen", "key", "map", "egg", "fox", "owl", "bee", "cow", "pig", "bat", "ant", "jar"] + [str(n) for n in range(10, 100)]
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789")
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
@@ -172,7 +164,9 @@ BUILTIN_TRAINED = {"builtin:tiny-llava": ASSETS / "tiny-llava"}
 def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
     """(model, processor) for ``random:tiny-llava``, a hub id, or a local directory."""
     torch_dtype = _dtype(dtype)
-    from prunebench import backbones  # LLaVA-NeXT and Qwen-VL: dispatched by the config's architecture
+    from prunebench import (
+        backbones,  # LLaVA-NeXT and Qwen-VL: dispatched by the config's architecture
+    )
 
     if backbones.handles(name):
         return backbones.load(name, device, torch_dtype)

@@ -16,7 +16,15 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from prunebench.report import BASELINE, budget_order, group_label, method_name, score_frame, table_rows, timing_frame
+from prunebench.report import (
+    BASELINE,
+    budget_order,
+    group_label,
+    method_name,
+    score_frame,
+    table_rows,
+    timing_frame,
+)
 from prunebench.results import Record
 
 DPI = 150

@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prunebench.errors import UserError
 

@@ -634,7 +634,7 @@ def _seed(*parts: int) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("selector", choices=(*KINDS, "tiny-llava"),
                         help="which learned selector to train, or tiny-llava: the built-in model itself")
-    parser.add_argument("--vision-steps", type=int, default=None, help="tiny-llava: vision-tower steps (default 400)")
+    parser.add_argument("--vision-steps", type=int, default=None, help="tiny-llava: vision-tower steps (default 200)")
     parser.add_argument("--language-steps", type=int, default=None, help="tiny-llava: projector + LLM steps (default 1500)")
     parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), or random:tiny-llava")
     parser.add_argument("--data", default="synthetic",
@@ -673,7 +673,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.selector == "tiny-llava":
-        from prunebench.builtin import Recipe, train as train_builtin
+        from prunebench.builtin import Recipe
+        from prunebench.builtin import train as train_builtin
 
         steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in ("vision", "language")}
         recipe = Recipe(seed=args.seed, **{k: v for k, v in steps.items() if v is not None})

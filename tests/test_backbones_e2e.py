@@ -28,7 +28,6 @@ SIZES = [(112, 84), (84, 168), (224, 224), (300, 40)]  # (height, width) px of d
 def pope_file(tmp_path_factory) -> Path:
     """POPE-format parquet (built-in synth-pope questions) whose four images have different sizes."""
     import datasets
-
     from prunebench.tasks.synthetic import task_dataset, task_rows
 
     rows = task_rows("synth-pope", len(SIZES), seed=5)

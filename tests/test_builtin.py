@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from prunebench.tasks import synthetic as world
 
 from prunebench.builtin import Recipe, Trainer, train
 from prunebench.models import BUILTIN_SPEC, BUILTIN_TRAINED, PROMPT_TEMPLATE, load_model
-from prunebench.tasks import synthetic as world
 from prunebench.taskspec import GENERATED
 
 
@@ -161,9 +161,24 @@ def test_recipe_trains_saves_and_loads(tmp_path):
     assert "accuracy" in trainer.log[-1]
     log = json.loads((tmp_path / "tiny" / "training_log.json").read_text())
     assert log["recipe"]["language_steps"] == 2
+    curve = (tmp_path / "tiny" / "learning_curve.md").read_text()
+    assert "| step | loss | min |" in curve and curve.count("\n| 1 |") + curve.count("\n| 2 |") == 2
     from transformers import LlavaForConditionalGeneration
 
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "tiny")
     for (name, a), b in zip(trainer.model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert loaded.config.vision_config.image_size == BUILTIN_SPEC.image_size
+
+
+def test_thinned_loss_with_every_patch_is_the_models_own_loss():
+    trainer = Trainer(Recipe(probes=3), console=None)
+    examples = [world.training_example(0, i, turns=2) for i in range(2)]
+    scenes = [scene for scene, _ in examples]
+    batch = trainer._batch([turns for _, turns in examples], scenes)
+    with torch.no_grad():
+        own = trainer.model(**batch).loss
+        thinned = trainer._thinned_loss(batch, scenes, fraction=1.0, step=0)
+        fewer = trainer._thinned_loss(batch, scenes, fraction=0.0, step=0)
+    torch.testing.assert_close(thinned, own, atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(fewer, own)  # background patches really were dropped

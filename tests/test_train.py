@@ -24,11 +24,11 @@ from prunebench.models import PROMPT_TEMPLATE, TinyLlavaSpec, build_tiny_llava
 from prunebench.selectors import CheckpointError, load_selector
 from prunebench.train import (
     CAPTION_PROMPT,
+    BuiltinQuestions,
     Collator,
     DataError,
     OptionError,
     StepBatches,
-    BuiltinQuestions,
     TrainConfig,
     autoselect_loss,
     budget_at,

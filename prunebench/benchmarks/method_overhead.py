@@ -28,7 +28,12 @@ from transformers import DynamicCache
 
 from prunebench.budget import Budget, BudgetError
 from prunebench.engine import PruningEngine
-from prunebench.method import MethodError, available_methods, create_method, parse_method_list
+from prunebench.method import (
+    MethodError,
+    available_methods,
+    create_method,
+    parse_method_list,
+)
 from prunebench.methods.divprune import cosine_distance, max_min_diverse
 from prunebench.models import load_model
 from prunebench.profiler import DTYPES, device_name, synthetic_batch

@@ -16,11 +16,10 @@ import argparse
 
 import numpy as np
 import torch
+from PIL import Image
 
 from prunebench.adapters import adapter_for
 from prunebench.models import load_model
-from PIL import Image
-
 from prunebench.selectors import load_selector, shipped_checkpoint
 from prunebench.train import BuiltinQuestions, Collator, vision_features
 

@@ -237,11 +237,10 @@ class Trainer:
         the background ones, all at their original positions (as the engine prunes under the
         "original" policy). Few distractors make the answer-bearing tokens easy to find early on."""
         from prunebench.adapters import LlavaAdapter
+        from prunebench.train import decoder_loss, vision_features
 
         adapter = LlavaAdapter(self.model)
-        with torch.no_grad():
-            features = adapter.encode_images(batch["pixel_values"]).features
-        visual = adapter.project(features)  # (B, 576, D); the projector trains
+        visual = adapter.project(vision_features(adapter, batch["pixel_values"]))  # (B, 576, D); the projector trains
         generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step)
         rows, labels, positions = [], [], []
         for b, scene in enumerate(scenes):
@@ -259,10 +258,7 @@ class Trainer:
         hidden = torch.stack([F.pad(x, (0, 0, 0, width - len(x))) for x in rows])
         labels = torch.stack([F.pad(x, (0, width - len(x)), value=-100) for x in labels])
         positions = torch.stack([F.pad(x, (0, width - len(x))) for x in positions])
-        out = adapter.decoder(inputs_embeds=hidden, attention_mask=mask, position_ids=positions, use_cache=False)
-        targets = labels[:, 1:]
-        scored = targets != -100
-        return F.cross_entropy(adapter.lm_head(out.last_hidden_state[:, :-1][scored]), targets[scored])
+        return decoder_loss(adapter, hidden, mask, positions, labels)
 
     @torch.no_grad()
     def probe(self) -> dict[str, float]:
@@ -319,10 +315,10 @@ def learning_curve(record: dict) -> str:
     kinds = list(rows[-1]["accuracy"])
     r = record["recipe"]
     lines = [
-        f"Training of builtin:tiny-llava: {r['vision_steps']} vision steps (batch {r['vision_batch']}), then "
-        f"{r['language_steps']} language steps (batch {r['language_batch']} images x {r['turns']} questions); "
-        f"{record['seconds'] / 60:.1f} min on {record['threads']} CPU threads. Probe accuracy (greedy first "
-        f"answer token, {r['probes']} held-out questions):",
+        (f"Training of builtin:tiny-llava: {r['vision_steps']} vision steps (batch {r['vision_batch']}), then "
+         f"{r['language_steps']} language steps (batch {r['language_batch']} images x {r['turns']} questions); "
+         f"{record['seconds'] / 60:.1f} min on {record['threads']} CPU threads. Probe accuracy (greedy first "
+         f"answer token, {r['probes']} held-out questions):"),
         "",
         "| step | loss | min | " + " | ".join(kinds) + " |",
         "|---" * (len(kinds) + 3) + "|",

@@ -392,6 +392,12 @@ def vlm_loss(adapter: LlavaAdapter, batch: dict[str, torch.Tensor], image_embeds
     image_slots = (input_ids == adapter.image_token_id)[..., None]
     hidden = hidden.masked_scatter(image_slots, image_embeds.to(hidden.dtype))
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return decoder_loss(adapter, hidden, attention_mask, positions, labels)
+
+
+def decoder_loss(adapter: LlavaAdapter, hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of the decoder fed ``hidden`` (embeddings) on the labelled tokens."""
     out = adapter.decoder(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     targets = labels[:, 1:]
     scored = targets != -100

@@ -641,7 +641,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("selector", choices=(*KINDS, "tiny-llava"),
                         help="which learned selector to train, or tiny-llava: the built-in model itself")
     parser.add_argument("--vision-steps", type=int, default=None, help="tiny-llava: vision-tower steps (default 200)")
+    parser.add_argument("--projector-steps", type=int, default=None, help="tiny-llava: projector alignment steps (default 150)")
     parser.add_argument("--language-steps", type=int, default=None, help="tiny-llava: projector + LLM steps (default 1500)")
+    parser.add_argument("--reader-steps", type=int, default=None,
+                        help="tiny-llava: control stage, LLM on ideal visual tokens without vision (default 0: off)")
     parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), or random:tiny-llava")
     parser.add_argument("--data", default="synthetic",
                         help="a .jsonl/.parquet of image + caption (or question + answer), a Hugging Face dataset id "
@@ -682,7 +685,7 @@ def main(args: argparse.Namespace) -> int:
         from prunebench.builtin import Recipe
         from prunebench.builtin import train as train_builtin
 
-        steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in ("vision", "language")}
+        steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in ("vision", "reader", "projector", "language")}
         recipe = Recipe(seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
         train_builtin(recipe, Path(args.out))
         return 0

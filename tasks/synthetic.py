@@ -182,8 +182,13 @@ PATCH_LABELS = {  # name -> number of classes (0 = background / not applicable)
     "colour": 1 + len(COLOURS) + 1,  # the last class is ink (printed text)
     "shape": 1 + len(SHAPES) + 1,  # the last class is text
     "char": 1 + len(CHARACTERS),
-    "slot": 1 + 4,  # which character of the string
+    # what a question would answer from the patch: the whole printed string (a number or a word)
+    # at each of its characters, and at each corner of a shape how many shapes of its kind the
+    # image holds. Both need context beyond the patch, which the tower's attention gathers.
+    "string": 1 + len(NUMBERS) + len(WORDS),
+    "count": 1 + 10,
 }
+STRINGS = NUMBERS + WORDS
 
 
 def patch_labels(scene: Scene, min_pixels: int = 2) -> dict[str, np.ndarray]:
@@ -198,24 +203,28 @@ def patch_labels(scene: Scene, min_pixels: int = 2) -> dict[str, np.ndarray]:
             ids[y, x] = 100 + 10 * t + char
     grid = SIZE // PATCH
     blocks = ids.reshape(grid, PATCH, grid, PATCH).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
+    owners = np.unique(ids[ids > 0])
     labels = {name: np.zeros((grid, grid), dtype=np.int64) for name in PATCH_LABELS}
-    colours, chars = list(COLOURS), list(CHARACTERS)
-    for r in range(grid):
-        for c in range(grid):
-            values, counts = np.unique(blocks[r, c][blocks[r, c] > 0], return_counts=True)
-            if len(values) == 0 or counts.max() < min_pixels:
-                continue
-            owner_id = int(values[counts.argmax()])
-            if owner_id >= 100:
-                t, k = divmod(owner_id - 100, 10)
-                labels["colour"][r, c] = len(COLOURS) + 1
-                labels["shape"][r, c] = len(SHAPES) + 1
-                labels["char"][r, c] = chars.index(scene.texts[t].string[k]) + 1
-                labels["slot"][r, c] = k + 1
-            else:
-                shape = scene.shapes[owner_id - 1]
-                labels["colour"][r, c] = colours.index(shape.colour) + 1
-                labels["shape"][r, c] = SHAPES.index(shape.shape) + 1
+    if len(owners) == 0:
+        return labels
+    pixels = (blocks[None] == owners[:, None, None, None]).sum(-1)  # (owners, grid, grid)
+    best = pixels.argmax(0)  # the owner covering most of each patch (ties: the smallest id)
+    covered = pixels.max(0) >= min_pixels
+    table = {name: np.zeros(len(owners), dtype=np.int64) for name in PATCH_LABELS}  # labels of each owner
+    for o, owner_id in enumerate(owners.tolist()):
+        if owner_id >= 100:
+            t, k = divmod(owner_id - 100, 10)
+            string = scene.texts[t].string
+            row = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "char": CHARACTERS.index(string[k]) + 1,
+                   "string": STRINGS.index(string) + 1 if string in STRINGS else 0}
+        else:
+            shape = scene.shapes[owner_id - 1]
+            row = {"colour": list(COLOURS).index(shape.colour) + 1, "shape": SHAPES.index(shape.shape) + 1,
+                   "count": min(scene.count(shape.shape), PATCH_LABELS["count"] - 1)}
+        for name, value in row.items():
+            table[name][o] = value
+    for name in PATCH_LABELS:
+        labels[name] = np.where(covered, table[name][best], 0)
     return labels
 
 
@@ -323,13 +332,13 @@ def prompt_text(task: str, question: str) -> str:
 
 def vision_scene(seed: int, index: int) -> Scene:
     """A crowded scene for pretraining the vision tower (stream ``vision``): many shapes, repeats
-    allowed, and several strings of random characters, so every step sees every class often."""
+    allowed, and several printed numbers and words, so every step sees every class often."""
     rng = rng_for("vision", seed, index)
     background = tuple(rng.randint(205, 250) for _ in range(3))
     taken: list = []
     texts = []
     for _ in range(rng.randint(3, 6)):
-        string = "".join(rng.choice(CHARACTERS) for _ in range(rng.randint(2, 4)))
+        string = _random_text(rng)
         box = _place(rng, len(string) * PATCH, PATCH, taken)
         if box is not None:
             taken.append(box)
@@ -343,9 +352,20 @@ def vision_scene(seed: int, index: int) -> Scene:
     return Scene(background, tuple(shapes), None, tuple(texts))
 
 
+CAPTION_PROMPT = "Describe the image."
+
+
+def caption(scene: Scene) -> str:
+    """Every object ("red circle") and the printed string, in reading order (as the visual tokens)."""
+    items = [(s.box[1], s.box[0], f"{s.colour} {s.shape}") for s in scene.shapes]
+    items += [(t.y, t.x, t.string) for t in scene.texts]
+    return " , ".join(words for _, _, words in sorted(items))
+
+
 def training_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list[tuple[str, str]]]:
     """A training scene (stream ``train``, disjoint from every evaluation stream) and up to ``turns``
-    (prompt text, answer) pairs about it, mixing all three tasks' question kinds."""
+    (prompt text, answer) pairs about it, mixing all three tasks' question kinds, then its caption
+    (last, so no question can be answered by copying it)."""
     rng = rng_for("train", seed, index)
     text = _random_text(rng) if rng.random() < 0.6 else None
     scene = sample_scene(rng, rng.randint(2, 5), text=text)
@@ -358,4 +378,4 @@ def training_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list
         question, answer, _ = pope_question(scene, rng, present)
         pool.append((prompt_text("synth-pope", question), answer))
     rng.shuffle(pool)
-    return scene, pool[:turns]
+    return scene, pool[:turns] + [(CAPTION_PROMPT, caption(scene))]

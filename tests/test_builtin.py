@@ -80,7 +80,8 @@ def test_patch_labels_name_what_is_drawn_there():
     labels = world.patch_labels(scene)
     chars = list(world.CHARACTERS)
     assert labels["char"][5, 10] == chars.index("4") + 1 and labels["char"][5, 11] == chars.index("2") + 1
-    assert labels["slot"][5, 10] == 1 and labels["slot"][5, 11] == 2
+    assert (labels["string"][5, 10:12] == world.STRINGS.index("42") + 1).all()
+    assert (labels["count"][2:4, 2:4] == 1).all() and labels["count"].astype(bool).sum() == 4
     assert (labels["colour"][2:4, 2:4] == list(world.COLOURS).index("red") + 1).all()
     assert (labels["shape"][2:4, 2:4] == world.SHAPES.index("square") + 1).all()
     assert labels["shape"].astype(bool).sum() == 4 + 2  # nothing else is labelled
@@ -151,11 +152,11 @@ def test_first_training_turn_is_the_evaluation_prompt():
 
 
 def test_recipe_trains_saves_and_loads(tmp_path):
-    recipe = Recipe(vision_steps=2, vision_batch=2, language_steps=2, language_batch=2, turns=2, probes=3,
-                    eval_every=1, threads=1)
+    recipe = Recipe(vision_steps=2, vision_batch=2, reader_steps=1, projector_steps=2, language_steps=2, language_batch=2,
+                    turns=2, probes=3, eval_every=1, threads=1)
     trainer = train(recipe, tmp_path / "tiny")
     stages = [entry["stage"] for entry in trainer.log]
-    assert stages == ["vision", "vision", "language", "language"]
+    assert stages == ["vision", "vision", "reader", "projector", "projector", "language", "language"]
     assert all(np.isfinite(entry["loss"]) for entry in trainer.log)
     assert "accuracy" in trainer.log[-1]
     log = json.loads((tmp_path / "tiny" / "training_log.json").read_text())
@@ -168,6 +169,32 @@ def test_recipe_trains_saves_and_loads(tmp_path):
     for (name, a), b in zip(trainer.model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
     assert loaded.config.vision_config.image_size == BUILTIN_SPEC.image_size
+
+
+def test_caption_lists_objects_in_reading_order_and_comes_last():
+    scene = world.Scene((230, 230, 230), (world.Shape("red", "square", (40, 8, 47, 15)),
+                                          world.Shape("blue", "circle", (8, 8, 15, 15))),
+                        world.Text("cat", x=4, y=60, ink=(0, 0, 0)))
+    assert world.caption(scene) == "blue circle , red square , cat"
+    scene, turns = world.training_example(0, 7)
+    assert turns[-1] == (world.CAPTION_PROMPT, world.caption(scene))
+    assert all(prompt != world.CAPTION_PROMPT for prompt, _ in turns[:-1])
+
+
+def test_projector_targets_are_label_word_embeddings():
+    trainer = Trainer(Recipe(probes=3), console=None)
+    scene = world.Scene((230, 230, 230), (world.Shape("red", "square", (8, 8, 15, 15)),),
+                        world.Text("42", x=40, y=20, ink=(0, 0, 0)))
+    embeddings = torch.randn(len(trainer.tokenizer), 8)
+    code = torch.randn(576, 8)
+    target, shown = trainer._word_targets([scene], embeddings, code)
+    ids = trainer.tokenizer.convert_tokens_to_ids
+    square = 2 * 24 + 2  # row 2, column 2: a corner of the square
+    torch.testing.assert_close(target[0, square], embeddings[ids(["red", "square", "1"])].sum(0) + code[square])
+    digit = 5 * 24 + 10  # the "4" of "42"
+    torch.testing.assert_close(target[0, digit], embeddings[ids(["text", "42"])].sum(0) + code[digit])
+    torch.testing.assert_close(target[0, 0], embeddings[ids("<image>")] + code[0])
+    assert int(shown.sum()) == 4 + 2 and shown[0, square] and shown[0, digit] and not shown[0, 0]
 
 
 def test_thinned_loss_with_every_patch_is_the_models_own_loss():

@@ -24,12 +24,15 @@ are other streams). Joint next-token training from scratch stays at chance on th
    background patches (at their original positions), then more, until the full unpruned input
    for the second half of training.
 
-``reader_steps`` (off by default) adds a control before stage 2: the LLM learns the same
-conversations from ideal visual tokens (the stage-2 targets computed from the true labels), no
-vision involved. It tells whether the LLM can learn the retrieval at all within the budget.
+Between 1 and 2, a reader stage: the LLM alone learns the same conversations from ideal visual
+tokens (the stage-2 targets computed from the true labels, only the patches that show something),
+no vision involved, at ~0.28 s/step. Without it the QA loss stays at the answer prior for 600+
+steps; with it the loss leaves the prior after ~500 steps (0.86 -> 0.20 by step 2000), and
+stage 3 starts from an LLM that already retrieves from word-like tokens.
 
-Status: stages 1 and 2 reach their targets; stage 3 (and the control) stay at the answer prior
-within the 2-core budget, so the model is not shipped yet (see the project notes).
+Status: the full recipe (300 + 2000 + 150 + 600 steps, 25 min on 2 cores) reads words (0.97) but
+not yet numbers (0.3), GQA questions (~0.5) or POPE (answers one way), below the 90 % bar, so the
+model is not shipped yet (see reports/builtin/tiny-llava-training.md).
 
 Every step logs; probe accuracy per question kind (single-question prompts, exactly the
 evaluation format, from a held-out stream) is logged every ``eval_every`` steps and saved with the
@@ -65,13 +68,13 @@ CURVE_NAME = "learning_curve.md"
 
 @dataclass
 class Recipe:
-    vision_steps: int = 200
+    vision_steps: int = 300
     vision_batch: int = 32
     vision_lr: float = 3e-3
-    reader_steps: int = 0  # the control stage (off by default): see Trainer.train_reader
+    reader_steps: int = 2000  # the LLM on ideal visual tokens first: see Trainer.train_reader
     projector_steps: int = 150
     projector_lr: float = 3e-3
-    language_steps: int = 1500
+    language_steps: int = 600
     language_batch: int = 16
     language_lr: float = 1e-3
     turns: int = 6  # questions per image in one training sequence
@@ -263,10 +266,10 @@ class Trainer:
         return (2 * columns / (self.grid - 1) - 1)[:, None] * direction * scale
 
     def train_reader(self) -> None:
-        """Control stage, no vision (``reader_steps``, off by default): the LLM learns the same
-        conversations with each patch given as its ideal visual token, the sum of its label words'
-        embeddings (``_word_targets``, what the projector stage aims at), only the patches that
-        show something. If the LLM cannot learn to answer from these, no vision recipe will help."""
+        """The LLM (embeddings included) learns the training conversations with each patch given as
+        its ideal visual token, the sum of its label words' embeddings (``_word_targets``, which the
+        projector stage then aims at), only the patches that show something: short sequences that
+        teach the in-context retrieval cheaply before real visual tokens are involved."""
         r = self.recipe
         params = [p for n, p in self.model.named_parameters() if "vision_tower" not in n and "projector" not in n]
         optimizer = torch.optim.AdamW(params, lr=r.language_lr, weight_decay=0.01)
@@ -406,7 +409,8 @@ def learning_curve(record: dict) -> str:
     kinds = list(rows[-1]["accuracy"])
     r = record["recipe"]
     lines = [
-        (f"Training of builtin:tiny-llava: {r['vision_steps']} vision steps (batch {r['vision_batch']}), then "
+        (f"Training of builtin:tiny-llava: {r['vision_steps']} vision steps (batch {r['vision_batch']}), "
+         f"{r.get('reader_steps', 0)} reader steps, {r.get('projector_steps', 0)} projector steps, then "
          f"{r['language_steps']} language steps (batch {r['language_batch']} images x {r['turns']} questions); "
          f"{record['seconds'] / 60:.1f} min on {record['threads']} CPU threads. Probe accuracy (greedy first "
          f"answer token, {r['probes']} held-out questions):"),

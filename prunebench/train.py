@@ -640,11 +640,11 @@ def _seed(*parts: int) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("selector", choices=(*KINDS, "tiny-llava"),
                         help="which learned selector to train, or tiny-llava: the built-in model itself")
-    parser.add_argument("--vision-steps", type=int, default=None, help="tiny-llava: vision-tower steps (default 200)")
+    parser.add_argument("--vision-steps", type=int, default=None, help="tiny-llava: vision-tower steps (default 300)")
     parser.add_argument("--projector-steps", type=int, default=None, help="tiny-llava: projector alignment steps (default 150)")
-    parser.add_argument("--language-steps", type=int, default=None, help="tiny-llava: projector + LLM steps (default 1500)")
+    parser.add_argument("--language-steps", type=int, default=None, help="tiny-llava: projector + LLM steps (default 600)")
     parser.add_argument("--reader-steps", type=int, default=None,
-                        help="tiny-llava: control stage, LLM on ideal visual tokens without vision (default 0: off)")
+                        help="tiny-llava: LLM steps on ideal visual tokens, before the projector stage (default 2000)")
     parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), or random:tiny-llava")
     parser.add_argument("--data", default="synthetic",
                         help="a .jsonl/.parquet of image + caption (or question + answer), a Hugging Face dataset id "

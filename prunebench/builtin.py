@@ -31,7 +31,7 @@ steps; with it the loss leaves the prior after ~500 steps (0.86 -> 0.20 by step 
 stage 3 starts from an LLM that already retrieves from word-like tokens.
 
 Status: the full recipe (300 + 2000 + 150 + 600 steps, 25 min on 2 cores) reads words (0.97) but
-not yet numbers (0.3), GQA questions (~0.5) or POPE (answers one way), below the 90 % bar, so the
+not yet numbers (0.40), GQA questions (~0.5) or POPE (~0.5), below the 90 % bar, so the
 model is not shipped yet (see reports/builtin/tiny-llava-training.md).
 
 Every step logs; probe accuracy per question kind (single-question prompts, exactly the
@@ -191,16 +191,21 @@ class Trainer:
             labels += [-100] * len(p) + a
         return ids, labels
 
-    def _batch(self, conversations: list[list[tuple[str, str]]], scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
+    def _batch(self, conversations: list[list[tuple[str, str]]],
+               scenes: list[world.Scene] | None) -> dict[str, torch.Tensor]:
+        """Padded ids, mask and labels; and the rendered images unless ``scenes`` is None (the
+        reader stage needs no pixels)."""
         encoded = [self._encode(c) for c in conversations]
         width = max(len(ids) for ids, _ in encoded)
         pad = self.tokenizer.pad_token_id
-        return {
+        batch = {
             "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded]),
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded]),
             "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded]),
-            "pixel_values": self._pixels(scenes),
         }
+        if scenes is not None:
+            batch["pixel_values"] = self._pixels(scenes)
+        return batch
 
     def _probe_set(self, n: int) -> list[tuple[str, world.Scene, str, str]]:
         """Held-out single questions (stream ``probe``), by kind."""
@@ -235,9 +240,10 @@ class Trainer:
 
     def _word_targets(self, scenes: list[world.Scene], embeddings: torch.Tensor,
                       column_code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 576, D)`` targets and ``(B, 576)`` which patches show something. For each patch, the sum of the input embeddings of the words a question
-        about it would use or answer with (colour, shape, the printed string, the shape's count),
-        plus a code of its column; background patches get the ``<image>`` token's embedding."""
+        """``(B, 576, D)`` targets and ``(B, 576)`` which patches show something. For each patch,
+        the sum of the input embeddings of the words a question about it would use or answer with
+        (colour, shape, the printed string, the shape's count), plus a code of its column;
+        background patches get the ``<image>`` token's embedding."""
         tokens = self.tokenizer.convert_tokens_to_ids
         none = embeddings.shape[0]  # an extra all-zero row
         table = {
@@ -278,7 +284,7 @@ class Trainer:
             examples = [world.training_example(r.seed, 10**8 + step * r.language_batch + i, turns=r.turns)
                         for i in range(r.language_batch)]
             scenes = [scene for scene, _ in examples]
-            batch = self._batch([turns for _, turns in examples], scenes)
+            batch = self._batch([turns for _, turns in examples], None)
             visual, _ = self._word_targets(scenes, embeddings, self._column_code(embeddings))
             loss = self._thinned_loss(batch, scenes, 0.0, step, visual=visual)
             self._step(optimizer, params, loss, _lr(step, r.reader_steps, r.language_lr, r.warmup))

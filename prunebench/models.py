@@ -153,7 +153,7 @@ MIDSIZE = TinyLlavaSpec(
 # K=2 fits.
 BUILTIN_SPEC = TinyLlavaSpec(
     vision_width=64, vision_layers=3, vision_heads=4, image_size=96, patch_size=4, text_width=128,
-    text_layers=4, text_heads=4, kv_heads=2, text_mlp=512,
+    text_layers=4, text_heads=4, kv_heads=4, text_mlp=512,
 )
 BUILTIN_RANDOM = {"random:tiny-llava": TinyLlavaSpec(), "random:mid-llava": MIDSIZE}
 ASSETS = Path(__file__).parent / "assets"
@@ -203,7 +203,7 @@ def load_builtin(name: str, device: str = "cpu", dtype: torch.dtype = torch.floa
     if not (directory / "model.safetensors").is_file():
         raise ModelNotFoundError(
             f"{name}: no weights in {directory}; this install lacks the shipped model. Train it with "
-            f"`prunebench train tiny-llava --out {directory}` (about 25 minutes on 2 CPU cores)"
+            f"`prunebench train tiny-llava --out {directory}` (about 45 minutes on 2 CPU cores)"
         )
     model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id

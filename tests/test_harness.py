@@ -57,7 +57,7 @@ def test_run_writes_a_record_per_cell_with_metrics_and_provenance(tmp_path, pope
     assert recs[("none", "all")].visual_tokens == {"nominal": None, "mean_kept": 576, "equivalent": 576, "original": 576}
     assert recs[("random", "64")].visual_tokens == {"nominal": 64, "mean_kept": 64, "equivalent": 64, "original": 576}
     assert recs[("random", "64")].timing["pruner"] > 0 and recs[("none", "all")].timing["pruner"] == 0
-    assert "random" in capsys.readouterr().out  # the final table
+    assert "Random" in capsys.readouterr().out  # the final table names the method
 
 
 def test_rerun_skips_finished_cells_and_force_recomputes(tmp_path, pope_file):

@@ -3,6 +3,7 @@ lmms-eval's own prompts) and the shipped tiny LLaVA (loads offline, answers, run
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -125,38 +126,43 @@ def test_shipped_model_loads_offline_with_llava_geometry(monkeypatch):
 BELOW_BAR = {"synth-pope"}
 
 
-def _unpruned_and_random64(task: str, n: int = 24) -> tuple[int, int, list]:
+@pytest.fixture(scope="module")
+def shipped_score():
+    """``score(task, method, budget)``: (correct answers, [(output, answer)]) of the shipped model on
+    a task's first 24 evaluation questions; the model loads once and each cell runs once."""
     from prunebench.engine import DecodeConfig, PruningEngine
     from prunebench.method import create_method
 
     model, processor = load_model("builtin:tiny-llava")
     engine = PruningEngine(model, processor)
-    samples = [world.task_sample(task, GENERATED[task].seed, i) for i in range(n)]
-    prompts = [PROMPT_TEMPLATE.format(question=world.prompt_text(task, s.question)) for s in samples]
-    inputs = processor(images=[world.render(s.scene) for s in samples], text=prompts, return_tensors="pt",
-                       padding=True)
-    scores = []
-    for method, budget in (("none", "all"), ("random", 64)):
+
+    @functools.cache
+    def score(task: str, method: str, budget: str) -> tuple[int, list]:
+        samples = [world.task_sample(task, GENERATED[task].seed, i) for i in range(24)]
+        prompts = [PROMPT_TEMPLATE.format(question=world.prompt_text(task, s.question)) for s in samples]
+        inputs = processor(images=[world.render(s.scene) for s in samples], text=prompts, return_tensors="pt",
+                           padding=True)
         out = engine.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                               create_method(method), budget, DecodeConfig(max_new_tokens=3))
-        scores.append(sum(text.strip() == s.answer for text, s in zip(out.texts, samples)))
-        if method == "none":
-            answers = [(t, s.answer) for t, s in zip(out.texts, samples)]
-    return scores[0], scores[1], answers
+        answers = [(text.strip(), s.answer) for text, s in zip(out.texts, samples)]
+        return sum(text == answer for text, answer in answers), answers
+
+    return score
 
 
 @needs_shipped
 @pytest.mark.parametrize("task", [
     pytest.param(t, marks=pytest.mark.xfail(strict=True, reason="the shipped model is at chance on POPE")) if t in BELOW_BAR else t
     for t in world.TASKS])
-def test_shipped_model_answers_most_questions_unpruned(task):
-    unpruned, _, answers = _unpruned_and_random64(task)
-    assert unpruned >= 18, answers
+def test_shipped_model_answers_most_questions_unpruned(task, shipped_score):
+    correct, answers = shipped_score(task, "none", "all")
+    assert correct >= 18, answers
 
 
 @needs_shipped
-def test_random_pruning_to_64_tokens_loses_the_text_task():
-    unpruned, random64, _ = _unpruned_and_random64("synth-textvqa")
+def test_random_pruning_to_64_tokens_loses_the_text_task(shipped_score):
+    unpruned, _ = shipped_score("synth-textvqa", "none", "all")
+    random64, _ = shipped_score("synth-textvqa", "random", "64")
     assert random64 <= unpruned - 6, (unpruned, random64)
 
 

@@ -191,8 +191,10 @@ PATCH_LABELS = {  # name -> number of classes (0 = background / not applicable)
 STRINGS = NUMBERS + WORDS
 
 
-def patch_labels(scene: Scene, min_pixels: int = 2) -> dict[str, np.ndarray]:
-    """For each of the 24 x 24 patches: what covers most of it (at least ``min_pixels`` pixels)."""
+def patch_owners(scene: Scene, min_pixels: int = 2) -> np.ndarray:
+    """For each of the 24 x 24 patches, what covers most of it (at least ``min_pixels`` pixels):
+    0 nothing, ``i + 1`` the shape ``scene.shapes[i]``, ``100 + 10 t + k`` character ``k`` of the
+    printed string ``scene.texts[t]``."""
     owner = Image.new("I", (SIZE, SIZE), 0)
     draw = ImageDraw.Draw(owner)
     for i, shape in enumerate(scene.shapes):
@@ -204,14 +206,22 @@ def patch_labels(scene: Scene, min_pixels: int = 2) -> dict[str, np.ndarray]:
     grid = SIZE // PATCH
     blocks = ids.reshape(grid, PATCH, grid, PATCH).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
     owners = np.unique(ids[ids > 0])
-    labels = {name: np.zeros((grid, grid), dtype=np.int64) for name in PATCH_LABELS}
+    if len(owners) == 0:
+        return np.zeros((grid, grid), dtype=np.int64)
+    pixels = (blocks[None] == owners[:, None, None, None]).sum(-1)  # (owners, grid, grid)
+    best = owners[pixels.argmax(0)]  # the owner covering most of each patch (ties: the smallest id)
+    return np.where(pixels.max(0) >= min_pixels, best, 0)
+
+
+def patch_labels(scene: Scene, min_pixels: int = 2) -> dict[str, np.ndarray]:
+    """For each of the 24 x 24 patches: the labels of what covers most of it (``patch_owners``)."""
+    patch_owner = patch_owners(scene, min_pixels)
+    owners = np.unique(patch_owner[patch_owner > 0])
+    labels = {name: np.zeros(patch_owner.shape, dtype=np.int64) for name in PATCH_LABELS}
     if len(owners) == 0:
         return labels
-    pixels = (blocks[None] == owners[:, None, None, None]).sum(-1)  # (owners, grid, grid)
-    best = pixels.argmax(0)  # the owner covering most of each patch (ties: the smallest id)
-    covered = pixels.max(0) >= min_pixels
-    table = {name: np.zeros(len(owners), dtype=np.int64) for name in PATCH_LABELS}  # labels of each owner
-    for o, owner_id in enumerate(owners.tolist()):
+    table = {name: np.zeros(len(owners) + 1, dtype=np.int64) for name in PATCH_LABELS}  # labels of each owner
+    for o, owner_id in enumerate(owners.tolist(), start=1):
         if owner_id >= 100:
             t, k = divmod(owner_id - 100, 10)
             string = scene.texts[t].string
@@ -223,8 +233,10 @@ def patch_labels(scene: Scene, min_pixels: int = 2) -> dict[str, np.ndarray]:
                    "count": min(scene.count(shape.shape), PATCH_LABELS["count"] - 1)}
         for name, value in row.items():
             table[name][o] = value
+    index = np.searchsorted(owners, patch_owner) + 1  # row of each patch's owner in ``table``
+    index[patch_owner == 0] = 0
     for name in PATCH_LABELS:
-        labels[name] = np.where(covered, table[name][best], 0)
+        labels[name] = table[name][index]
     return labels
 
 

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prunebench.adapters import LlavaAdapter, adapter_for
 from prunebench.budget import Budget, BudgetError
+from prunebench.builtin import Recipe
 from prunebench.errors import UserError
 from prunebench.models import PROMPT_TEMPLATE, load_model
 from prunebench.selectors import (
@@ -640,12 +641,12 @@ def _seed(*parts: int) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("selector", choices=(*KINDS, "tiny-llava"),
                         help="which learned selector to train, or tiny-llava: the built-in model itself")
-    parser.add_argument("--vision-steps", type=int, default=None, help="tiny-llava: vision-tower steps (default 300)")
-    parser.add_argument("--projector-steps", type=int, default=None, help="tiny-llava: projector alignment steps (default 150)")
-    parser.add_argument("--language-steps", type=int, default=None, help="tiny-llava: projector + LLM steps (default 600)")
-    parser.add_argument("--reader-steps", type=int, default=None,
-                        help="tiny-llava: LLM steps on ideal visual tokens, before the projector stage (default 2000)")
-    parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), or random:tiny-llava")
+    stages = {"vision": "vision-tower steps", "reader": "LLM steps on ideal visual tokens, before the projector stage",
+              "projector": "projector alignment steps", "language": "projector + LLM steps"}
+    for stage, what in stages.items():
+        default = getattr(Recipe, f"{stage}_steps")
+        parser.add_argument(f"--{stage}-steps", type=int, default=None, help=f"tiny-llava: {what} (default {default})")
+    parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), builtin:tiny-llava or random:tiny-llava")
     parser.add_argument("--data", default="synthetic",
                         help="a .jsonl/.parquet of image + caption (or question + answer), a Hugging Face dataset id "
                              "in the local cache, or synthetic[:N] (questions about the built-in tasks' world, drawn in code)")

@@ -31,15 +31,25 @@ from prunebench.results import Record, RecordKey, ResultStore
 
 # the trained tiny LLaVA shipped in prunebench/assets (README "Status" gives its accuracy)
 DEFAULT_MODEL = "builtin:tiny-llava"
-# every training-free method; in-LLM stages moved early enough that a 4-layer decoder meets K = 64
-DEFAULT_METHODS = "none,random,fastv,sparsevlm:layers=0/1/2,pyramiddrop:layers=0/1/2,dart,visionzip,divprune"
+# on the default model: every method, in-LLM stages moved early enough that its 4-layer decoder
+# meets K = 64, the learned selectors from the checkpoints shipped for it
+BUILTIN_METHODS = ("none,random,fastv,sparsevlm:layers=0/1/2,pyramiddrop:layers=0/1/2,dart,visionzip,divprune,"
+                   "autoselect,gumbel")
+# on any other model: every training-free method at its paper's settings (learned ones need ckpt=)
+TRAINING_FREE_METHODS = "none,random,fastv,sparsevlm,pyramiddrop,dart,visionzip,divprune"
+
+
+def default_methods(model: str) -> str:
+    return BUILTIN_METHODS if model == DEFAULT_MODEL else TRAINING_FREE_METHODS
 DEFAULT_TASKS = "synth-gqa,synth-textvqa,synth-pope"
 DEFAULT_BUDGETS = "192,128,64"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local dir, or built-in name (default {DEFAULT_MODEL})")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma list, options as name:key=value (default %(default)s)")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma list, options as name:key=value (default on {DEFAULT_MODEL}: {BUILTIN_METHODS}; "
+                             f"on other models: {TRAINING_FREE_METHODS})")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="lmms-eval task names, aliases or prunebench tasks (default %(default)s)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="visual tokens kept: counts (64) or fractions (0.25, 25%%)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each task")
@@ -114,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")  # lmms-eval's task indexing logs at DEBUG
     # 1. everything that can be checked without the model or lmms-eval
-    methods = [create_method(spec) for spec in parse_method_list(args.methods)]
+    methods = [create_method(spec) for spec in parse_method_list(args.methods or default_methods(args.model))]
     budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
     tasks = [taskspec.canonical(t) for t in args.tasks.split(",") if t.strip()]
     task_data = taskspec.parse_task_data(args.task_data)

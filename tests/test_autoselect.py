@@ -8,7 +8,7 @@ from conftest import run
 from references import MAX_NEW, assert_batch_equals_each_alone
 
 from prunebench.method import MethodError, create_method
-from prunebench.selectors import CheckpointError, build_selector, save_selector
+from prunebench.selectors import CheckpointError, build_selector, save_selector, shipped_checkpoint
 
 METHODS = ["autoselect", "gumbel"]
 
@@ -76,10 +76,21 @@ def test_spec_and_options(checkpoints):
 
 
 @pytest.mark.parametrize("kind", METHODS)
-def test_without_a_checkpoint_the_error_says_how_to_train_one(kind):
+def test_without_a_checkpoint_the_error_says_how_to_train_one(kind, monkeypatch, tmp_path):
+    monkeypatch.setattr("prunebench.models.ASSETS", tmp_path)  # an install without the shipped checkpoints
     with pytest.raises(MethodError, match=f"{kind} needs a trained checkpoint: pass {kind}:ckpt=DIR; "
                                           f"train one with `prunebench train {kind} --model MODEL"):
         create_method(kind)
+
+
+@pytest.mark.parametrize("kind", METHODS)
+def test_the_shipped_checkpoint_is_refused_on_another_model(engine, batch, kind):
+    if not (shipped_checkpoint(kind) / "config.json").is_file():
+        pytest.skip("this install lacks the checkpoints shipped for builtin:tiny-llava")
+    method = create_method(kind)  # no ckpt=: the one trained for builtin:tiny-llava (vision width 64)
+    with pytest.raises(CheckpointError, match=f"{kind}: without ckpt= it uses the checkpoint shipped for "
+                                              "builtin:tiny-llava, which does not fit this model \\(vision width 32\\)"):
+        run(engine, batch, method, budget=64, max_new_tokens=1)
 
 
 def test_bad_checkpoints_are_refused_with_clear_errors(engine, batch, checkpoints, tmp_path):

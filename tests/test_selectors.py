@@ -235,11 +235,12 @@ def saved(tmp_path):
     return tmp_path
 
 
-def test_missing_checkpoint(tmp_path):
+def test_missing_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="does not exist; train one with `prunebench train autoselect"):
         load_selector(tmp_path / "nope", "autoselect")
     with pytest.raises(CheckpointError, match="has no config.json"):
         load_selector(tmp_path, "autoselect")
+    monkeypatch.setattr("prunebench.models.ASSETS", tmp_path)  # an install without the shipped checkpoints
     with pytest.raises(CheckpointError, match="needs a trained checkpoint: pass gumbel:ckpt=DIR"):
         CheckpointScorer("gumbel", None)
 

@@ -167,6 +167,27 @@ def test_random_pruning_to_64_tokens_loses_the_text_task(shipped_score):
 
 
 @needs_shipped
+def test_default_methods_are_every_method_and_need_no_arguments_on_the_shipped_model():
+    from prunebench.harness import DEFAULT_MODEL, default_methods
+    from prunebench.method import available_methods, create_method, parse_method_list
+
+    on_builtin = [create_method(spec) for spec in parse_method_list(default_methods(DEFAULT_MODEL))]
+    assert sorted(m.name for m in on_builtin) == sorted(available_methods())
+    elsewhere = {create_method(spec).name for spec in parse_method_list(default_methods("llava-hf/llava-1.5-7b-hf"))}
+    assert elsewhere == set(available_methods()) - {"autoselect", "gumbel"}  # they need a checkpoint for that model
+
+
+@needs_shipped
+@pytest.mark.parametrize("selector", ["autoselect", "gumbel"])
+def test_shipped_selectors_keep_the_text_that_random_pruning_loses(selector, shipped_score):
+    """No ckpt=: the checkpoint trained for the shipped model; at K = 64 it must find the printed
+    string (2-3 of 576 patches) that random pruning mostly drops."""
+    random64, _ = shipped_score("synth-textvqa", "random", "64")
+    learned64, answers = shipped_score("synth-textvqa", selector, "64")
+    assert learned64 >= random64 + 6, (random64, learned64, answers)
+
+
+@needs_shipped
 def test_default_run_covers_every_built_in_task_on_the_shipped_model(tmp_path):
     pytest.importorskip("lmms_eval")
     from prunebench.cli import main

@@ -8,7 +8,12 @@ from conftest import run
 from references import MAX_NEW, assert_batch_equals_each_alone
 
 from prunebench.method import MethodError, create_method
-from prunebench.selectors import CheckpointError, build_selector, save_selector, shipped_checkpoint
+from prunebench.selectors import (
+    CheckpointError,
+    build_selector,
+    save_selector,
+    shipped_checkpoint,
+)
 
 METHODS = ["autoselect", "gumbel"]
 

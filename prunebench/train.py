@@ -461,6 +461,14 @@ def train(cfg: TrainConfig, model=None, processor=None, console: Console | None 
     model.requires_grad_(False)
     model.to(device)
     adapter = adapter_for(model)
+    if not isinstance(adapter, LlavaAdapter):
+        # NeXT (anyres crops, newline tokens) and Qwen2-VL (variable grids, M-RoPE) need their own
+        # collator, feature padding and positions here; the selectors already run on Qwen2-VL
+        raise OptionError(
+            f"prunebench train supports LLaVA-1.5-style models (a fixed grid of visual tokens per image); "
+            f"{type(model).__name__} is not one. Selector training for LLaVA-NeXT and Qwen2-VL is not built: "
+            f"train on a LLaVA-1.5 model (e.g. --model builtin:tiny-llava or llava-hf/llava-1.5-7b-hf)"
+        )
     dataset = open_dataset(cfg.data, cfg.split, cfg.columns)
     first = Collator(processor, with_text=False)([dataset[0]])["pixel_values"].to(device, model.dtype)
     _, n_tokens, vision_width = vision_features(adapter, first).shape

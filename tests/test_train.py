@@ -203,6 +203,16 @@ def test_training_lowers_the_loss_and_leaves_the_vlm_untouched(small, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 26)) and log[-1]["k"] == 16
 
 
+@pytest.mark.parametrize("backbone", ["llava-next", "qwen2-vl"])
+def test_other_backbones_are_refused_before_any_output(backbone, tmp_path):
+    from prunebench.backbones import build_tiny_llava_next, build_tiny_qwen2_vl
+
+    model, processor = build_tiny_llava_next() if backbone == "llava-next" else build_tiny_qwen2_vl()
+    with pytest.raises(OptionError, match=rf"{type(model).__name__} is not one.*not built"):
+        train(config(tmp_path), model, processor)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "options",
     [{"gate": "vp", "gate_norm": "none"}, {"gate": "scale"}, {"gate": "gumbel_ste"},

@@ -649,7 +649,8 @@ def _seed(*parts: int) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("selector", choices=(*KINDS, "tiny-llava"),
                         help="which learned selector to train, or tiny-llava: the built-in model itself")
-    stages = {"vision": "vision-tower steps", "reader": "LLM steps on ideal visual tokens, before the projector stage",
+    stages = {"vision": "vision-tower steps", "existence": "LLM steps on existence questions only, before the reader",
+              "reader": "LLM steps on ideal visual tokens, before the projector stage",
               "projector": "projector alignment steps", "language": "projector + LLM steps"}
     for stage, what in stages.items():
         default = getattr(Recipe, f"{stage}_steps")
@@ -694,7 +695,7 @@ def main(args: argparse.Namespace) -> int:
         from prunebench.builtin import Recipe
         from prunebench.builtin import train as train_builtin
 
-        steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in ("vision", "reader", "projector", "language")}
+        steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in ("vision", "existence", "reader", "projector", "language")}
         recipe = Recipe(seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
         train_builtin(recipe, Path(args.out))
         return 0

@@ -374,6 +374,20 @@ def caption(scene: Scene) -> str:
     return " , ".join(words for _, _, words in sorted(items))
 
 
+def existence_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list[tuple[str, str]]]:
+    """A scene (stream ``existence``, disjoint from every evaluation stream) with ``turns`` POPE-style
+    questions only, half present and half absent, then its caption: the reader's first phase."""
+    rng = rng_for("existence", seed, index)
+    text = _random_text(rng) if rng.random() < 0.6 else None
+    scene = sample_scene(rng, rng.randint(2, 5), text=text)
+    pool = []
+    for i in range(turns):
+        question, answer, _ = pope_question(scene, rng, present=i % 2 == 0)
+        pool.append((prompt_text("synth-pope", question), answer))
+    rng.shuffle(pool)
+    return scene, pool + [(CAPTION_PROMPT, caption(scene))]
+
+
 def training_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list[tuple[str, str]]]:
     """A training scene (stream ``train``, disjoint from every evaluation stream) and up to ``turns``
     (prompt text, answer) pairs about it, mixing all three tasks' question kinds, then its caption

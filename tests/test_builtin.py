@@ -45,6 +45,7 @@ def test_evaluation_sets_do_not_overlap_the_training_data():
                   for task in world.TASKS for i in range(GENERATED[task].size)}
     training = {image_hash(world.training_example(0, i)[0]) for i in range(3000)}
     training |= {image_hash(world.vision_scene(0, i)) for i in range(500)}
+    training |= {image_hash(world.existence_example(0, i)[0]) for i in range(1000)}
     assert len(evaluation) > 0.99 * sum(g.size for g in GENERATED.values())  # scenes are not degenerate
     assert not evaluation & training
 
@@ -215,11 +216,11 @@ def test_first_training_turn_is_the_evaluation_prompt():
 
 
 def test_recipe_trains_saves_and_loads(tmp_path):
-    recipe = Recipe(vision_steps=2, vision_batch=2, reader_steps=1, projector_steps=2, language_steps=2, language_batch=2,
-                    turns=2, probes=3, eval_every=1, threads=1)
+    recipe = Recipe(vision_steps=2, vision_batch=2, existence_steps=1, reader_steps=1, projector_steps=2,
+                    language_steps=2, language_batch=2, turns=2, probes=3, eval_every=1, threads=1)
     trainer = train(recipe, tmp_path / "tiny")
     stages = [entry["stage"] for entry in trainer.log]
-    assert stages == ["vision", "vision", "reader", "projector", "projector", "language", "language"]
+    assert stages == ["vision", "vision", "existence", "reader", "projector", "projector", "language", "language"]
     assert all(np.isfinite(entry["loss"]) for entry in trainer.log)
     assert "accuracy" in trainer.log[-1]
     log = json.loads((tmp_path / "tiny" / "training_log.json").read_text())
@@ -242,6 +243,20 @@ def test_caption_lists_objects_in_reading_order_and_comes_last():
     scene, turns = world.training_example(0, 7)
     assert turns[-1] == (world.CAPTION_PROMPT, world.caption(scene))
     assert all(prompt != world.CAPTION_PROMPT for prompt, _ in turns[:-1])
+
+
+def test_existence_examples_ask_balanced_well_posed_pope_questions():
+    for i in range(20):
+        scene, turns = world.existence_example(0, i)
+        assert world.existence_example(0, i) == (scene, turns)
+        assert turns[-1] == (world.CAPTION_PROMPT, world.caption(scene)) and len(turns) == 7
+        here = {(s.colour, s.shape) for s in scene.shapes}
+        answers = []
+        for prompt, answer in turns[:-1]:
+            colour, shape = prompt.split(" in the image?")[0].split()[-2:]
+            assert answer == ("yes" if (colour, shape) in here else "no"), prompt
+            answers.append(answer)
+        assert answers.count("yes") == answers.count("no") == 3
 
 
 def test_projector_targets_are_label_word_embeddings():

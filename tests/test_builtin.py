@@ -122,11 +122,6 @@ def test_shipped_model_loads_offline_with_llava_geometry(monkeypatch):
     assert size <= 25 * 2**20
 
 
-# The shipped model answers "yes" to every POPE question (README "Status"): strict, so a model that
-# learns POPE turns the xfail into a failure that asks for the marker to go.
-BELOW_BAR = {"synth-pope"}
-
-
 @pytest.fixture(scope="module")
 def shipped_score():
     """``score(task, method, budget)``: (correct answers, [(output, answer)]) of the shipped model on
@@ -152,18 +147,17 @@ def shipped_score():
 
 
 @needs_shipped
-@pytest.mark.parametrize("task", [
-    pytest.param(t, marks=pytest.mark.xfail(strict=True, reason="the shipped model is at chance on POPE")) if t in BELOW_BAR else t
-    for t in world.TASKS])
+@pytest.mark.parametrize("task", world.TASKS)
 def test_shipped_model_answers_most_questions_unpruned(task, shipped_score):
     correct, answers = shipped_score(task, "none", "all")
     assert correct >= 18, answers
 
 
 @needs_shipped
-def test_random_pruning_to_64_tokens_loses_the_text_task(shipped_score):
-    unpruned, _ = shipped_score("synth-textvqa", "none", "all")
-    random64, _ = shipped_score("synth-textvqa", "random", "64")
+@pytest.mark.parametrize("task", world.TASKS)
+def test_random_pruning_to_64_tokens_loses_every_task(task, shipped_score):
+    unpruned, _ = shipped_score(task, "none", "all")
+    random64, _ = shipped_score(task, "random", "64")
     assert random64 <= unpruned - 6, (unpruned, random64)
 
 

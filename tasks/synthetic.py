@@ -374,12 +374,17 @@ def caption(scene: Scene) -> str:
     return " , ".join(words for _, _, words in sorted(items))
 
 
+def _training_scene(rng: random.Random) -> Scene:
+    """A training scene: 2-5 shapes, and a printed string 60 % of the time."""
+    text = _random_text(rng) if rng.random() < 0.6 else None
+    return sample_scene(rng, rng.randint(2, 5), text=text)
+
+
 def existence_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list[tuple[str, str]]]:
     """A scene (stream ``existence``, disjoint from every evaluation stream) with ``turns`` POPE-style
     questions only, half present and half absent, then its caption: the reader's first phase."""
     rng = rng_for("existence", seed, index)
-    text = _random_text(rng) if rng.random() < 0.6 else None
-    scene = sample_scene(rng, rng.randint(2, 5), text=text)
+    scene = _training_scene(rng)
     pool = []
     for i in range(turns):
         question, answer, _ = pope_question(scene, rng, present=i % 2 == 0)
@@ -393,8 +398,7 @@ def training_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list
     (prompt text, answer) pairs about it, mixing all three tasks' question kinds, then its caption
     (last, so no question can be answered by copying it)."""
     rng = rng_for("train", seed, index)
-    text = _random_text(rng) if rng.random() < 0.6 else None
-    scene = sample_scene(rng, rng.randint(2, 5), text=text)
+    scene = _training_scene(rng)
     pool: list[tuple[str, str]] = []
     for options in gqa_questions(scene).values():
         pool += [(prompt_text("synth-gqa", q), a) for q, a in rng.sample(options, min(2, len(options)))]

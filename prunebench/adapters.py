@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from prunebench.errors import UserError
+from prunebench.flops import clip_layers_run
 
 
 class BackboneError(UserError, ValueError):
@@ -39,7 +40,7 @@ class VisionOutput:
 
     counts: list[int]  # visual tokens per sample
     features: torch.Tensor | None  # (B, n_max, d) vision features per visual token, pre-projector
-    hidden_states: tuple[torch.Tensor, ...] | None  # vision tower hidden states; [i] enters layer i
+    hidden_states: tuple[torch.Tensor, ...] | None  # vision tower hidden states; [i] enters layer i (read via Adapter.vision_hidden)
     patch_offset: int = 0  # index of the first patch in hidden_states (1 when a CLS token leads)
     embeds: torch.Tensor | None = None  # (B, n_max, D) LLM tokens, when the backbone builds them itself
     no_features: str | None = None  # why ``features`` is missing
@@ -116,6 +117,9 @@ class Adapter:
     def vision_keys(self, vision: VisionOutput, layer: int) -> torch.Tensor:
         raise BackboneError(vision.no_tower_signals or "this backbone offers no vision-tower keys")
 
+    def vision_hidden(self, vision: VisionOutput, index: int) -> torch.Tensor:
+        raise BackboneError(vision.no_tower_signals or "this backbone offers no vision-tower hidden states")
+
 
 class LlavaAdapter(Adapter):
     """LLaVA-1.5: CLIP vision tower -> MLP projector -> Llama-family decoder."""
@@ -146,12 +150,31 @@ class LlavaAdapter(Adapter):
         return n + (1 if self.select_strategy == "full" else 0)
 
     def encode_images(self, pixel_values: torch.Tensor) -> VisionOutput:
-        out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        features = out.hidden_states[self.feature_layer]
-        offset = 0
+        """The tower up to the layer the projector reads and no further: later layers are never used
+        (HF runs them all; serving engines drop them). LLaVA-1.5 skips 1 of CLIP-L's 24 layers."""
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+        states = [hidden]
+        for layer in self.vision_layers[: clip_layers_run(self.model.config)]:
+            hidden = layer(hidden, None)
+            states.append(hidden)
+        features, offset = hidden, 0
         if self.select_strategy == "default":
             features, offset = features[:, 1:], 1
-        return VisionOutput([features.shape[1]] * features.shape[0], features, out.hidden_states, offset)
+        return VisionOutput([features.shape[1]] * features.shape[0], features, tuple(states), offset)
+
+    def vision_hidden(self, vision: VisionOutput, index: int) -> torch.Tensor:
+        """``hidden_states[index]`` of the whole tower (negative: counted from its end), which enters
+        encoder layer ``index``; only states up to the projector's feature layer exist."""
+        depth = len(self.vision_layers) + 1
+        if not -depth <= index < depth:
+            raise BackboneError(f"vision hidden state {index}: this tower has {depth} (-{depth}..{depth - 1})")
+        if index % depth >= len(vision.hidden_states):
+            raise BackboneError(
+                f"vision hidden state {index} comes after the projector's feature layer "
+                f"({self.feature_layer}), beyond which the tower is not run; choose an index up to that layer"
+            )
+        return vision.hidden_states[index % depth]
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)
@@ -161,9 +184,8 @@ class LlavaAdapter(Adapter):
 
         ``rows``: query indices (default: all). Returns ``(B, H, R, T)`` over all T tokens.
         """
-        layers = self.vision_layers
-        block = layers[layer]
-        hidden = block.layer_norm1(vision.hidden_states[layer % len(layers)])
+        block = self.vision_layers[layer]
+        hidden = block.layer_norm1(self.vision_hidden(vision, layer % len(self.vision_layers)))
         attn = block.self_attn
         queries = hidden if rows is None else hidden[:, rows]
         q = _heads(attn.q_proj(queries), attn.head_dim)
@@ -173,10 +195,9 @@ class LlavaAdapter(Adapter):
 
     def vision_keys(self, vision: VisionOutput, layer: int) -> torch.Tensor:
         """Keys of vision encoder layer ``layer``, ``(B, H, T, d)``."""
-        layers = self.vision_layers
-        block = layers[layer]
-        attn = block.self_attn
-        return _heads(attn.k_proj(block.layer_norm1(vision.hidden_states[layer % len(layers)])), attn.head_dim)
+        block = self.vision_layers[layer]
+        hidden = block.layer_norm1(self.vision_hidden(vision, layer % len(self.vision_layers)))
+        return _heads(block.self_attn.k_proj(hidden), block.self_attn.head_dim)
 
 
 class LlavaNextAdapter(Adapter):

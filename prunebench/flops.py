@@ -220,7 +220,9 @@ def max_image_tokens(config, image_processor=None) -> int:
 # -- vision FLOPs ------------------------------------------------------------------------------
 def vision_flops(config, images: int, height: int | None = None, width: int | None = None) -> int:
     """Vision tower + projector FLOPs of ``images`` images of ``height`` x ``width`` px (LLaVA-1.5:
-    any size, it resizes to its grid). Every encoder layer counts, as HF runs them all.
+    any size, it resizes to its grid). CLIP counts the layers up to the projector's feature layer
+    for LLaVA-1.5 (the engine runs no more, ``clip_layers_run``) and all of them for LLaVA-NeXT
+    (its tower runs inside HF's ``get_image_features``).
 
     - LLaVA-1.5: CLIP over 1 + 576 tokens, MLP projector on the 576.
     - LLaVA-NeXT: the same per CLIP input (base + crops), the projector on all their tokens
@@ -232,17 +234,23 @@ def vision_flops(config, images: int, height: int | None = None, width: int | No
     """
     kind = config.model_type
     if kind == "llava":
-        return 2 * images * _clip_macs(config, crops=1)
+        return 2 * images * _clip_macs(config, crops=1, layers=clip_layers_run(config))
     if height is None or width is None:
         raise ValueError(f"vision FLOPs of {kind!r} depend on the image: give its height and width")
     if kind == "llava_next":
-        return 2 * images * _clip_macs(config, crops=anyres_crops(config, height, width))
+        return 2 * images * _clip_macs(config, crops=anyres_crops(config, height, width),
+                                       layers=config.vision_config.num_hidden_layers)
     if kind in ("qwen2_vl", "qwen2_5_vl"):
         return 2 * images * _qwen_vit_macs(config, *qwen_patch_grid(config, height, width))
     raise NotImplementedError(f"no FLOPs model for {kind!r}; supported: llava, {', '.join(DYNAMIC)}")
 
 
-def _clip_macs(config, crops: int) -> int:
+def clip_layers_run(config) -> int:
+    """CLIP encoder layers a LLaVA config needs: those up to ``vision_feature_layer`` (-2: all but the last)."""
+    return config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1)
+
+
+def _clip_macs(config, crops: int, layers: int) -> int:
     vision = config.vision_config
     if vision.model_type != "clip_vision_model":
         raise NotImplementedError(f"no FLOPs model for vision tower {vision.model_type!r}; supported: clip_vision_model")
@@ -254,7 +262,7 @@ def _clip_macs(config, crops: int) -> int:
     width = config.text_config.hidden_size
     features = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
     projector = features * (d * width + width * width)  # linear_1, linear_2
-    return crops * (embed + vision.num_hidden_layers * per_layer + projector)
+    return crops * (embed + layers * per_layer + projector)
 
 
 def qwen_windows(config, rows: int, cols: int) -> list[int]:

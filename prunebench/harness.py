@@ -41,6 +41,14 @@ TRAINING_FREE_METHODS = "none,random,fastv,sparsevlm,pyramiddrop,dart,visionzip,
 
 def default_methods(model: str) -> str:
     return BUILTIN_METHODS if model == DEFAULT_MODEL else TRAINING_FREE_METHODS
+
+
+def default_batch_size(model: str) -> int:
+    """16 on the built-in model (its samples are tiny; answers do not depend on the batch, see
+    tests/test_batching.py); 1 elsewhere, so that timings are per-request latencies."""
+    return 16 if model == DEFAULT_MODEL else 1
+
+
 DEFAULT_TASKS = "synth-gqa,synth-textvqa,synth-pope"
 DEFAULT_BUDGETS = "192,128,64"
 
@@ -53,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="lmms-eval task names, aliases or prunebench tasks (default %(default)s)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="visual tokens kept: counts (64) or fractions (0.25, 25%%)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each task")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"samples per forward pass (default: 16 on {DEFAULT_MODEL}, 1 on other models)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: fp16 on GPU, fp32 on CPU)")
     parser.add_argument("--seed", type=int, default=0)
@@ -130,6 +139,8 @@ def main(args: argparse.Namespace) -> int:
     task_data = taskspec.parse_task_data(args.task_data)
     if args.limit is not None and args.limit <= 0:
         raise UserError(f"--limit {args.limit}: give a positive number of samples")
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(args.model)
     if args.batch_size <= 0:
         raise UserError(f"--batch-size {args.batch_size}: must be positive")
     if args.max_new_tokens is not None and args.max_new_tokens <= 0:
@@ -214,7 +225,7 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
                        on_requests=lambda n: progress.update(bar, total=n))
         torch.manual_seed(args.seed)
         out = evaluator.simple_evaluate(
-            model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.task_manager(),
+            model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
             verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
             fewshot_random_seed=args.seed, bootstrap_iters=0,
             # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts

@@ -146,7 +146,7 @@ class StageContext:
     def vision_hidden(self, layer: int) -> torch.Tensor:
         """``(B, T, d_v)`` vision tower hidden states entering encoder layer ``layer``."""
         self._require_tower_signals("vision-tower hidden states")
-        return self._vision.hidden_states[layer]
+        return self._adapter.vision_hidden(self._vision, layer)
 
     def cls_attention(self, layer: int = -2) -> torch.Tensor:
         """``(B, H, N)`` attention of the CLS query to each patch inside vision encoder ``layer``."""

@@ -67,13 +67,25 @@ class TaskError(UserError, ValueError):
     """Unknown task, unreadable task data, or a dataset that cannot be had."""
 
 
-@functools.lru_cache(maxsize=1)
-def task_manager():
+@functools.lru_cache(maxsize=2)
+def task_manager(full: bool = True):
+    """lmms-eval's task index: prunebench's tasks and all of lmms-eval's (~3,000 YAML files, some
+    seconds to index), or with ``full=False`` prunebench's and POPE's only (the one lmms-eval task a
+    generated task reuses), which is all a run of generated tasks needs."""
+    import lmms_eval.tasks
     from lmms_eval.tasks import TaskManager
 
     import prunebench.tasks
 
-    return TaskManager(verbosity="ERROR", include_path=list(prunebench.tasks.__path__)[0])
+    include = [list(prunebench.tasks.__path__)[0]]
+    if not full:
+        include.append(str(Path(lmms_eval.tasks.__file__).parent / "pope"))
+    return TaskManager(verbosity="ERROR", include_path=include, include_defaults=full)
+
+
+def manager_for(names: list[str]):
+    """The task index ``names`` need (``task_manager``)."""
+    return task_manager(full=not all(n in GENERATED for n in names))
 
 
 def canonical(name: str) -> str:
@@ -82,7 +94,7 @@ def canonical(name: str) -> str:
 
 def check_known(names: list[str]) -> None:
     """Fail before any work if a task name is unknown."""
-    known = set(task_manager().all_tasks)
+    known = set(manager_for(names).all_tasks)
     unknown = [n for n in names if n not in GENERATED and n not in known]
     if unknown:
         raise TaskError(
@@ -131,7 +143,8 @@ def base_config(task: str) -> dict:
     """The task's YAML config as lmms-eval loads it."""
     from lmms_eval import utils
 
-    index = task_manager()._task_index[task]
+    generated = {gen.base for gen in GENERATED.values()}
+    index = task_manager(full=task not in generated)._task_index[task]
     return utils.load_yaml_config(index["yaml_path"])
 
 

@@ -88,3 +88,30 @@ def test_score_continuation_equals_the_models_own_logprobs(tiny, engine):
         inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], target,
         method=create_method("random"), budget=64)
     assert visual.tolist() == [[64] * 4] and torch.isfinite(pruned).all()
+
+
+def test_vision_tower_stops_at_the_projectors_feature_layer(tiny):
+    """The adapter runs CLIP only up to ``vision_feature_layer`` (-2): the features are HF's
+    ``hidden_states[-2]``, the last layer never runs, and asking for a state past it is a clear error."""
+    from prunebench.adapters import BackboneError, LlavaAdapter
+
+    model, processor = tiny
+    adapter = LlavaAdapter(model)
+    pixels = single(processor, 0)["pixel_values"]
+    calls = []
+    hook = adapter.vision_layers[-1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.inference_mode():
+            vision = adapter.encode_images(pixels)
+    finally:
+        hook.remove()
+    with torch.inference_mode():
+        reference = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    assert calls == []
+    torch.testing.assert_close(vision.features, reference[-2][:, 1:], rtol=0, atol=0)
+    for index in (0, 1, -2, -3):
+        torch.testing.assert_close(adapter.vision_hidden(vision, index), reference[index], rtol=0, atol=0)
+    with pytest.raises(BackboneError, match="after the projector's feature layer"):
+        adapter.vision_hidden(vision, -1)
+    with pytest.raises(BackboneError, match="has 3"):
+        adapter.vision_hidden(vision, 3)

@@ -149,8 +149,11 @@ def test_qwen2_5_vl_7b_vision_flops_by_hand():
 
 
 def test_llava_next_7b_vision_flops_are_clip_per_crop():
-    """336x672 px: base + 2 crops through CLIP-L/336; the projector on all 3 x 576 features."""
+    """336x672 px: base + 2 crops through CLIP-L/336 (all 24 layers: HF's get_image_features runs
+    them; LLaVA-1.5's engine stops at the feature layer, so compare with a config reading the last);
+    the projector on all 3 x 576 features."""
     next_config, llava_config = preset_config("llava-next-7b"), preset_config("llava-1.5-7b")
+    llava_config.vision_feature_layer = -1
     assert vision_flops(next_config, 1, 336, 672) == 3 * vision_flops(llava_config, 1)
     assert vision_flops(next_config, 2, 672, 672) == 10 * vision_flops(llava_config, 1)
 

@@ -9,7 +9,7 @@ from conftest import run, single
 from prunebench.methods.visionzip import split_budget
 from references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
 
-from prunebench.adapters import LlavaAdapter
+from prunebench.adapters import BackboneError, LlavaAdapter
 from prunebench.budget import BudgetError
 from prunebench.method import MethodError, create_method
 
@@ -150,4 +150,6 @@ def test_bad_settings_are_clear_errors(engine, batch):
     with pytest.raises(BudgetError, match="visionzip"):
         run(engine, batch, create_method("visionzip"), budget=1, max_new_tokens=1)
     with pytest.raises(MethodError, match="projector consumes"):  # the tiny model reads layer -2
+        run(engine, batch, create_method("visionzip:layer=-3"), budget=64, max_new_tokens=1)
+    with pytest.raises(BackboneError, match="after the projector's feature layer"):  # the tower stops there
         run(engine, batch, create_method("visionzip:layer=-1"), budget=64, max_new_tokens=1)

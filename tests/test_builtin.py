@@ -10,8 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from prunebench.tasks import synthetic as world
 
+from prunebench.adapters import LlavaAdapter
 from prunebench.builtin import Recipe, Trainer, train
 from prunebench.models import BUILTIN_SPEC, BUILTIN_TRAINED, PROMPT_TEMPLATE, load_model
 from prunebench.taskspec import GENERATED
@@ -262,6 +264,22 @@ def test_existence_examples_ask_balanced_well_posed_pope_questions():
         assert answers.count("yes") == answers.count("no") == 3
 
 
+def test_neighbour_character_targets():
+    from prunebench.builtin import _neighbour_chars
+
+    scene = world.Scene((230, 230, 230), (world.Shape("red", "square", (8, 8, 15, 15)),),
+                        world.Text("42", x=40, y=20, ink=(0, 0, 0)))
+    char = torch.from_numpy(world.patch_labels(scene)["char"].reshape(1, -1))
+    out = _neighbour_chars(char, 24)
+    four, two = 5 * 24 + 10, 5 * 24 + 11
+    code = {c: world.CHARACTERS.index(c) + 1 for c in "42"}
+    assert out["char_left"][0, four] == 0 and out["char_right"][0, four] == code["2"]
+    assert out["char_left"][0, two] == code["4"] and out["char_right"][0, two] == 0
+    others = torch.ones(576, dtype=torch.bool)
+    others[[four, two]] = False
+    assert (out["char_left"][0, others] == -1).all() and (out["char_right"][0, others] == -1).all()
+
+
 def test_projector_targets_are_label_word_embeddings():
     trainer = Trainer(Recipe(probes=3), console=None)
     scene = world.Scene((230, 230, 230), (world.Shape("red", "square", (8, 8, 15, 15)),),
@@ -289,3 +307,26 @@ def test_thinned_loss_with_every_patch_is_the_models_own_loss():
         fewer = trainer._thinned_loss(batch, scenes, fraction=0.0, step=0)
     torch.testing.assert_close(thinned, own, atol=1e-5, rtol=1e-5)
     assert not torch.isclose(fewer, own)  # background patches really were dropped
+
+
+def test_thinned_loss_at_reindexed_positions_is_the_compacted_sequences_loss():
+    """``reindex``: the kept tokens as one contiguous sequence (the engine's "reindex" policy), the
+    same as the decoder's own loss on that sequence with its default positions."""
+    trainer = Trainer(Recipe(probes=3), console=None)
+    scene, turns = world.training_example(0, 3, turns=2)
+    batch = trainer._batch([turns], [scene])
+    adapter = LlavaAdapter(trainer.model)
+    with torch.no_grad():
+        loss = trainer._thinned_loss(batch, [scene], fraction=0.0, step=0, reindex=torch.tensor([True]))
+        original = trainer._thinned_loss(batch, [scene], fraction=0.0, step=0, reindex=torch.tensor([False]))
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        image = (ids == adapter.image_token_id).nonzero()[:, 0]
+        shown = torch.from_numpy(world.patch_labels(scene)["shape"].reshape(-1) > 0)
+        visual = adapter.project(adapter.encode_images(batch["pixel_values"]).features)[0, shown]
+        embeds = torch.cat([adapter.embed(ids[: image[0]]), visual, adapter.embed(ids[image[-1] + 1:])])
+        kept_labels = torch.cat([labels[: image[0]], torch.full((len(visual),), -100), labels[image[-1] + 1:]])
+        logits = trainer.model.model.language_model(inputs_embeds=embeds[None]).last_hidden_state
+        logits = trainer.model.lm_head(logits)[0, :-1]
+        reference = F.cross_entropy(logits[kept_labels[1:] != -100], kept_labels[1:][kept_labels[1:] != -100])
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(loss, original)  # the positions really changed

@@ -167,6 +167,7 @@ def main(args: argparse.Namespace) -> int:
     cells = plan(methods, budgets, tasks)
     provenance = _provenance(args, device, dtype)
     finished = []
+    prompt_ids: dict = {}  # expanded prompt -> token ids: every cell asks the same questions
     for cell in cells:
         key = RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit)
         action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
@@ -179,7 +180,8 @@ def main(args: argparse.Namespace) -> int:
             continue
         try:
             spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
-            record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, console, world)
+            record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, console, world,
+                                            prompt_ids)
             if world.main:
                 store.write(record, samples)
         finally:
@@ -203,7 +205,7 @@ def _decide(store: ResultStore, key: RecordKey, force: bool) -> str:
 
 
 def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console,
-                  world: distributed.World = distributed.World()):
+                  world: distributed.World = distributed.World(), prompt_ids: dict | None = None):
     """Run one cell through lmms-eval; returns its record and per-sample rows (None off rank 0)."""
     from lmms_eval import evaluator
     from rich.progress import (
@@ -222,7 +224,7 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
         lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        on_progress=lambda n: progress.advance(bar, n),
-                       on_requests=lambda n: progress.update(bar, total=n))
+                       on_requests=lambda n: progress.update(bar, total=n), prompt_ids=prompt_ids)
         torch.manual_seed(args.seed)
         out = evaluator.simple_evaluate(
             model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),

@@ -197,3 +197,26 @@ def test_loglikelihood_requests_score_the_continuation_on_the_engine(tiny, engin
         method=create_method("random"), budget=64)
     assert total == pytest.approx(float(logprobs.sum()), abs=1e-5) and greedy == expected_greedy
     assert lm.stats[("t", 0)].visual_tokens == [64] * 4
+
+
+def test_llava_prompts_tokenized_once_equal_the_processors_batch(tiny, engine):
+    """The bridge's LLaVA path (each expanded prompt tokenized once, shared across cells) gives
+    exactly what LlavaProcessor returns for the batch: left padding, mask, pixels."""
+    import torch
+    from PIL import Image
+
+    from prunebench.budget import Budget
+    from prunebench.lmms_bridge import PrunedVLM
+
+    _, processor = tiny
+    shared: dict = {}
+    lm = PrunedVLM(engine, processor, None, Budget.all(), prompt_ids=shared)
+    prompts = [lm._prompt(f"<image>\n{q}") for q in ("What is it?", "Is there a red circle in the image?", "Count.")]
+    images = [Image.new("RGB", (40 + 20 * i, 50), (30 * i, 90, 200)) for i in range(3)]
+    processor.tokenizer.padding_side = "left"
+    expected = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    for _ in range(2):  # the second time from the shared cache
+        got = lm._encode(prompts, images)
+        for name in ("input_ids", "attention_mask", "pixel_values"):
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+    assert len(shared) == 3 and all(text.count("<image>") == 576 for text in shared)

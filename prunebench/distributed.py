@@ -34,6 +34,14 @@ def init(world: World, device: str) -> None:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
 
 
+def finish(world: World) -> None:
+    """Every rank done, then the process group closed: left to interpreter exit, its threads can
+    abort a rank after the run has finished (seen with gloo)."""
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast(value: Any, world: World) -> Any:
     """Rank 0's value, on every rank."""
     if world.size == 1:

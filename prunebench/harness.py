@@ -194,6 +194,7 @@ def main(args: argparse.Namespace) -> int:
         from prunebench.report import print_summary
 
         print_summary(finished, store, Console())
+    distributed.finish(world)
     return 0
 
 

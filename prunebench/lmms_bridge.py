@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
@@ -184,13 +185,13 @@ class PrunedVLM(lmms):
         rows = []
         for prompt, count in zip(prompts, counts):
             text = prompt.replace(processor.image_token, processor.image_token * count)
-            if text not in self.prompt_ids:
-                self.prompt_ids[text] = self.tokenizer(text)["input_ids"]
+            if text not in self.prompt_ids:  # a tensor: 8 bytes a token, not a list of int objects
+                self.prompt_ids[text] = torch.tensor(self.tokenizer(text)["input_ids"])
             rows.append(self.prompt_ids[text])
-        width, pad = max(map(len, rows)), self.tokenizer.pad_token_id
+        width = max(len(r) for r in rows)
         return {
-            "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
-            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+            "input_ids": torch.stack([F.pad(r, (width - len(r), 0), value=self.tokenizer.pad_token_id) for r in rows]),
+            "attention_mask": torch.stack([F.pad(torch.ones_like(r), (width - len(r), 0)) for r in rows]),
             "pixel_values": pixel_values,
         }
 

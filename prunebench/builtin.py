@@ -15,10 +15,8 @@ are other streams). Joint next-token training from scratch stays at chance on th
    from other patches, are read far less well (string ~0.5 after 400 steps with the neighbour
    heads, 0.3 without).
 2. projector alignment (LLaVA's stage 1 in spirit): vision frozen, the projector alone learns to
-   map each patch feature to the sum of the input embeddings of its label words: colour, shape,
-   count, the printed character (not the whole string, which the tower reads only half the time:
-   the decoder composes a string from its characters' tokens) and the image half, "left" or
-   "right" (``_word_targets``), so visual tokens enter the LLM as words it could match a question
+   map each patch feature to the sum of the input embeddings of its label words plus a column
+   code (``_word_targets``), so visual tokens enter the LLM as words it could match a question
    against and copy into the answer.
 3. language: vision frozen; projector and Llama learn question answering with several questions
    per image in one multi-turn sequence (the 576 visual tokens are paid once per image) and the
@@ -36,12 +34,8 @@ steps; with it the loss leaves the prior after ~500 steps (0.86 -> 0.20 by step 
 stage 3 starts from an LLM that already retrieves from word-like tokens. The mixed reader never
 learns existence questions ("is there a red circle?": it answers a constant); a first phase on
 existence questions alone (``existence_steps``) does learn them, and the mixed phase after it then
-keeps them and learns colour -> shape retrieval too. Left/right-of questions stay at chance in
-every mix tried, so they are not trained at all: a second phase on side questions alone ("is the
-red circle on the left or right side of the image?", answered by copying the half word) and side
-questions in every later mix teach the decoder to answer a left/right-of question with the side of
-its first-named object, right whenever the two objects lie in different halves (training report,
-sessions 7 and 8).
+keeps them and learns colour -> shape retrieval too. Left/right is not learnt: see the training
+report for what was tried.
 
 Status: the shipped model (prunebench/assets/tiny-llava) is this recipe's default run, 400 + 1250
 + 1250 + 150 + 1300 steps in 41.2 min on 2 cores. Unpruned on the 500 evaluation questions:
@@ -91,15 +85,10 @@ class Recipe:
     # constant) while an existence-only phase does, and unlocks colour -> shape retrieval too
     # (reports/builtin/tiny-llava-training.md, session 6)
     existence_steps: int = 1250
-    # reader phase 2: side questions only ("is the red circle on the left or right side?"), which
-    # the mix alone never learns; learnt with a warm restart every ``reader_cycle`` steps (0.92)
-    # and not with one cosine schedule (0.78; training report, session 7)
-    side_steps: int = 500
-    reader_steps: int = 1250  # then the mix: see Trainer.train_reader
-    reader_cycle: int = 250  # side and mix phases: learning-rate warm restarts every this many steps
+    reader_steps: int = 1250  # then the mix: see Trainer.train_reader (its loss is flat after ~1500)
     projector_steps: int = 150
     projector_lr: float = 3e-3
-    language_steps: int = 1250
+    language_steps: int = 1300  # number probes still rose at 1200 steps
     language_batch: int = 16
     language_lr: float = 1e-3
     turns: int = 6  # questions per image in one training sequence
@@ -275,36 +264,38 @@ class Trainer:
             self._step(optimizer, params, loss, _lr(step, r.vision_steps, r.vision_lr, r.warmup))
             self._record("vision", step, loss, accuracy)
 
-    def _word_targets(self, scenes: list[world.Scene],
-                      embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 576, D)`` targets and ``(B, 576)`` which patches show something. For each patch that
-        does, the sum of the input embeddings of the words a question about it would use or answer
-        with (colour, shape, the shape's count, the printed character) and of the half of the image
-        it is in ("left" / "right"); background patches get the ``<image>`` token's embedding.
-
-        A printed string enters as its characters, one per visual token in reading order, which
-        the decoder composes (its previous-token attention is cheap); the tower reads a character at
-        1.00 but a whole two-digit string at ~0.5. The half is a word because the decoder answers
-        by copying: a linear column code was never read (training report, session 7)."""
+    def _word_targets(self, scenes: list[world.Scene], embeddings: torch.Tensor,
+                      column_code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 576, D)`` targets and ``(B, 576)`` which patches show something. For each patch,
+        the sum of the input embeddings of the words a question about it would use or answer with
+        (colour, shape, the printed string, the shape's count), plus a code of its column;
+        background patches get the ``<image>`` token's embedding."""
         tokens = self.tokenizer.convert_tokens_to_ids
         none = embeddings.shape[0]  # an extra all-zero row
         table = {
             "colour": [none, *tokens(list(world.COLOURS)), none],
             "shape": [none, *tokens(list(world.SHAPES)), tokens("text")],
-            "char": [none, *tokens(list(world.CHARACTERS))],
+            "string": [none, *tokens(list(world.STRINGS))],
             "count": [none, *tokens([str(n) for n in range(1, world.PATCH_LABELS["count"])])],
         }
         padded = torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])])
-        columns = torch.arange(self.grid).repeat(self.grid)
-        half = embeddings[torch.where(columns < self.grid // 2, tokens("left"), tokens("right"))]
         out, shown = [], []
         for scene in scenes:
             labels = world.patch_labels(scene)
-            words = sum(padded[torch.tensor(table[g])[torch.from_numpy(labels[g].reshape(-1))]] for g in table) + half
+            words = sum(padded[torch.tensor(table[g])[torch.from_numpy(labels[g].reshape(-1))]] for g in table)
             shown.append(torch.from_numpy(labels["shape"].reshape(-1) > 0))
             words[~shown[-1]] = embeddings[tokens("<image>")]
-            out.append(words)
+            out.append(words + column_code)
         return torch.stack(out), torch.stack(shown)
+
+    def _column_code(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``(576, D)``: each patch's column along one fixed direction, from -1 (left) to +1 (right)
+        times the mean embedding norm, so that left/right can be read off a visual token."""
+        generator = torch.Generator().manual_seed(self.recipe.seed)
+        direction = F.normalize(torch.randn(embeddings.shape[1], generator=generator), dim=0)
+        columns = torch.arange(self.grid).repeat(self.grid).float()
+        scale = embeddings.detach().norm(dim=1).mean()
+        return (2 * columns / (self.grid - 1) - 1)[:, None] * direction * scale
 
     def train_reader(self) -> None:
         """The LLM (embeddings included) learns the training conversations with each patch given as
@@ -312,28 +303,23 @@ class Trainer:
         projector stage then aims at), only the patches that show something: short sequences that
         teach the in-context retrieval cheaply before real visual tokens are involved."""
         r = self.recipe
-        self._reader_phase("existence", r.existence_steps, r.existence_steps,
-                           lambda i: world.existence_example(r.seed, i, turns=r.turns))
-        self._reader_phase("side", r.side_steps, r.reader_cycle, lambda i: world.side_example(r.seed, i))
-        self._reader_phase("reader", r.reader_steps, r.reader_cycle,
-                           lambda i: world.training_example(r.seed, 10**8 + i, turns=r.turns))
+        self._reader_phase("existence", r.existence_steps, lambda i: world.existence_example(r.seed, i, turns=r.turns))
+        self._reader_phase("reader", r.reader_steps, lambda i: world.training_example(r.seed, 10**8 + i, turns=r.turns))
 
-    def _reader_phase(self, stage: str, steps: int, cycle: int, example) -> None:
-        """``steps`` reader steps on ``example(index)`` conversations, restarting every ``cycle`` steps
-        with a fresh optimizer and its own warmup and cosine schedule."""
+    def _reader_phase(self, stage: str, steps: int, example) -> None:
+        """``steps`` reader steps on ``example(index)`` conversations, with a fresh optimizer and its
+        own warmup and cosine schedule."""
         r = self.recipe
         params = [p for n, p in self.model.named_parameters() if "vision_tower" not in n and "projector" not in n]
+        optimizer = torch.optim.AdamW(params, lr=r.language_lr, weight_decay=0.01)
         embeddings = self.model.get_input_embeddings().weight
         for step in range(steps):
-            if step % cycle == 0:
-                optimizer = torch.optim.AdamW(params, lr=r.language_lr, weight_decay=0.01)
-                length = min(cycle, steps - step)
             examples = [example(step * r.language_batch + i) for i in range(r.language_batch)]
             scenes = [scene for scene, _ in examples]
             batch = self._batch([turns for _, turns in examples], None)
-            visual, _ = self._word_targets(scenes, embeddings)
+            visual, _ = self._word_targets(scenes, embeddings, self._column_code(embeddings))
             loss = self._thinned_loss(batch, scenes, 0.0, step, visual=visual)
-            self._step(optimizer, params, loss, _lr(step % cycle, length, r.language_lr, r.warmup))
+            self._step(optimizer, params, loss, _lr(step, steps, r.language_lr, r.warmup))
             self._record(stage, step, loss, None)
 
     def train_projector(self) -> None:
@@ -347,10 +333,11 @@ class Trainer:
         projector = self.model.model.multi_modal_projector
         embeddings = self.model.get_input_embeddings().weight.detach().clone()
         scale = float(embeddings.norm(dim=1).mean())
+        column_code = self._column_code(embeddings)
         optimizer = torch.optim.AdamW(projector.parameters(), lr=r.projector_lr, weight_decay=0.0)
         for step in range(r.projector_steps):
             scenes = [world.training_example(r.seed, 10**7 + step * r.vision_batch + i)[0] for i in range(r.vision_batch)]
-            target, shown = self._word_targets(scenes, embeddings)
+            target, shown = self._word_targets(scenes, embeddings, column_code)
             projected = adapter.project(vision_features(adapter, self._pixels(scenes)))
             error = ((projected - target) ** 2).sum(-1) / scale**2
             weight = 1.0 + 4.0 * shown.float()  # as the vision heads: objects cover ~10 % of the patches

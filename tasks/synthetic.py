@@ -380,17 +380,6 @@ def _training_scene(rng: random.Random) -> Scene:
     return sample_scene(rng, rng.randint(2, 5), text=text)
 
 
-def side_question(shape: Shape) -> tuple[str, str]:
-    """Which half of the image a named object is in: a training-only kind (never evaluated)."""
-    side = "left" if shape.centre_x < SIZE / 2 else "right"
-    return f"Is the {shape.colour} {shape.shape} on the left or right side of the image?", side
-
-
-def _side_questions(scene: Scene) -> list[tuple[str, str]]:
-    """Side questions about every object at least 8 px off the midline (so its half is clear)."""
-    return [side_question(s) for s in scene.shapes if abs(s.centre_x - SIZE / 2) >= 8]
-
-
 def existence_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list[tuple[str, str]]]:
     """A scene (stream ``existence``, disjoint from every evaluation stream) with ``turns`` POPE-style
     questions only, half present and half absent, then its caption: the reader's first phase."""
@@ -404,35 +393,15 @@ def existence_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, lis
     return scene, pool + [(CAPTION_PROMPT, caption(scene))]
 
 
-def side_example(seed: int, index: int, turns: int = 4) -> tuple[Scene, list[tuple[str, str]]]:
-    """A scene (stream ``side``) with up to ``turns`` side questions only, then its caption: the
-    reader's second phase."""
-    rng = rng_for("side", seed, index)
-    while True:
-        scene = _training_scene(rng)
-        options = _side_questions(scene)
-        if options:
-            pool = [(prompt_text("synth-gqa", q), a) for q, a in rng.sample(options, min(turns, len(options)))]
-            return scene, pool + [(CAPTION_PROMPT, caption(scene))]
-
-
 def training_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list[tuple[str, str]]]:
     """A training scene (stream ``train``, disjoint from every evaluation stream) and up to ``turns``
-    (prompt text, answer) pairs about it, mixing the three tasks' question kinds and side questions,
-    then its caption (last, so no question can be answered by copying it).
-
-    Left/right-of questions are left out on purpose: in any mix with them the tiny decoder answers
-    them at chance and unlearns the side questions too, while without them it answers them as it
-    answers a side question about the first-named object, right whenever the two objects lie in
-    different halves (reports/builtin/tiny-llava-training.md, session 8)."""
+    (prompt text, answer) pairs about it, mixing all three tasks' question kinds, then its caption
+    (last, so no question can be answered by copying it)."""
     rng = rng_for("train", seed, index)
     scene = _training_scene(rng)
     pool: list[tuple[str, str]] = []
-    for kind, options in gqa_questions(scene).items():
-        if kind != "relation":
-            pool += [(prompt_text("synth-gqa", q), a) for q, a in rng.sample(options, min(2, len(options)))]
-    sides = _side_questions(scene)
-    pool += [(prompt_text("synth-gqa", q), a) for q, a in rng.sample(sides, min(3, len(sides)))]
+    for options in gqa_questions(scene).values():
+        pool += [(prompt_text("synth-gqa", q), a) for q, a in rng.sample(options, min(2, len(options)))]
     if scene.text is not None:
         pool += [(prompt_text("synth-textvqa", text_question(scene)[0]), scene.text.string)] * 2
     for present in (True, False):

@@ -221,12 +221,11 @@ def test_first_training_turn_is_the_evaluation_prompt():
 
 
 def test_recipe_trains_saves_and_loads(tmp_path):
-    recipe = Recipe(vision_steps=2, vision_batch=2, existence_steps=1, side_steps=1, reader_steps=3, reader_cycle=2,
-                    projector_steps=2, language_steps=2, language_batch=2, turns=2, probes=3, eval_every=1, threads=1)
+    recipe = Recipe(vision_steps=2, vision_batch=2, existence_steps=1, reader_steps=1, projector_steps=2,
+                    language_steps=2, language_batch=2, turns=2, probes=3, eval_every=1, threads=1)
     trainer = train(recipe, tmp_path / "tiny")
     stages = [entry["stage"] for entry in trainer.log]
-    assert stages == ["vision", "vision", "existence", "side", *["reader"] * 3, "projector", "projector",
-                      "language", "language"]
+    assert stages == ["vision", "vision", "existence", "reader", "projector", "projector", "language", "language"]
     assert all(np.isfinite(entry["loss"]) for entry in trainer.log)
     assert "accuracy" in trainer.log[-1]
     log = json.loads((tmp_path / "tiny" / "training_log.json").read_text())
@@ -284,32 +283,17 @@ def test_neighbour_character_targets():
 def test_projector_targets_are_label_word_embeddings():
     trainer = Trainer(Recipe(probes=3), console=None)
     scene = world.Scene((230, 230, 230), (world.Shape("red", "square", (8, 8, 15, 15)),),
-                        world.Text("42", x=52, y=20, ink=(0, 0, 0)))
+                        world.Text("42", x=40, y=20, ink=(0, 0, 0)))
     embeddings = torch.randn(len(trainer.tokenizer), 8)
-    target, shown = trainer._word_targets([scene], embeddings)
+    code = torch.randn(576, 8)
+    target, shown = trainer._word_targets([scene], embeddings, code)
     ids = trainer.tokenizer.convert_tokens_to_ids
-    square = 2 * 24 + 2  # row 2, column 2: a corner of the square, in the left half
-    torch.testing.assert_close(target[0, square], embeddings[ids(["red", "square", "1", "left"])].sum(0))
-    four, two = 5 * 24 + 13, 5 * 24 + 14  # "42" in the right half, one character per patch
-    torch.testing.assert_close(target[0, four], embeddings[ids(["text", "4", "right"])].sum(0))
-    torch.testing.assert_close(target[0, two], embeddings[ids(["text", "2", "right"])].sum(0))
-    torch.testing.assert_close(target[0, 0], embeddings[ids("<image>")])
-    assert int(shown.sum()) == 4 + 2 and shown[0, square] and shown[0, four] and not shown[0, 0]
-
-
-def test_side_questions_name_the_half_and_training_never_asks_left_or_right_of():
-    scene = world.Scene((230, 230, 230), (world.Shape("red", "circle", (8, 8, 15, 15)),
-                                          world.Shape("blue", "square", (72, 40, 79, 47))), None)
-    assert world.side_question(scene.shapes[0]) == ("Is the red circle on the left or right side of the image?", "left")
-    assert world.side_question(scene.shapes[1])[1] == "right"
-    sides = [world.side_example(0, i) for i in range(20)]
-    for scene, turns in sides:
-        for prompt, answer in turns[:-1]:
-            shape = next(s for s in scene.shapes if f"the {s.colour} {s.shape} on" in prompt)
-            assert answer == world.side_question(shape)[1] and abs(shape.centre_x - world.SIZE / 2) >= 8
-    prompts = [p for i in range(200) for p, _ in world.training_example(0, i)[1]]
-    assert not any("left or right of the" in p for p in prompts)
-    assert any("left or right side" in p for p in prompts)
+    square = 2 * 24 + 2  # row 2, column 2: a corner of the square
+    torch.testing.assert_close(target[0, square], embeddings[ids(["red", "square", "1"])].sum(0) + code[square])
+    digit = 5 * 24 + 10  # the "4" of "42"
+    torch.testing.assert_close(target[0, digit], embeddings[ids(["text", "42"])].sum(0) + code[digit])
+    torch.testing.assert_close(target[0, 0], embeddings[ids("<image>")] + code[0])
+    assert int(shown.sum()) == 4 + 2 and shown[0, square] and shown[0, digit] and not shown[0, 0]
 
 
 def test_thinned_loss_with_every_patch_is_the_models_own_loss():

@@ -15,9 +15,10 @@ are other streams). Joint next-token training from scratch stays at chance on th
    from other patches, are read far less well (string ~0.5 after 400 steps with the neighbour
    heads, 0.3 without).
 2. projector alignment (LLaVA's stage 1 in spirit): vision frozen, the projector alone learns to
-   map each patch feature to the sum of the input embeddings of its label words plus a column
-   code (``_word_targets``), so visual tokens enter the LLM as words it could match a question
-   against and copy into the answer.
+   map each patch feature to the sum of the input embeddings of its label words (colour, shape,
+   count, and for text the character, not the whole string: the decoder composes a string from its
+   characters' tokens) plus a column code (``_word_targets``), so visual tokens enter the LLM as
+   words it could match a question against and copy into the answer.
 3. language: vision frozen; projector and Llama learn question answering with several questions
    per image in one multi-turn sequence (the 576 visual tokens are paid once per image) and the
    image's caption as the last turn (every object and the string, in reading order), loss on the
@@ -268,15 +269,19 @@ class Trainer:
                       column_code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 576, D)`` targets and ``(B, 576)`` which patches show something. For each patch,
         the sum of the input embeddings of the words a question about it would use or answer with
-        (colour, shape, the printed string, the shape's count), plus a code of its column;
-        background patches get the ``<image>`` token's embedding."""
+        (colour, shape, the shape's count, the printed character), plus a code of its column;
+        background patches get the ``<image>`` token's embedding.
+
+        A printed string enters as its characters, one per visual token in reading order, and the
+        decoder composes them: the tower reads a character at 1.00 but a whole string at ~0.5, so
+        a string's own word reached the decoder only half the time (training report, session 8)."""
         tokens = self.tokenizer.convert_tokens_to_ids
         none = embeddings.shape[0]  # an extra all-zero row
         table = {
             "colour": [none, *tokens(list(world.COLOURS)), none],
             "shape": [none, *tokens(list(world.SHAPES)), tokens("text")],
-            "string": [none, *tokens(list(world.STRINGS))],
             "count": [none, *tokens([str(n) for n in range(1, world.PATCH_LABELS["count"])])],
+            "char": [none, *tokens(list(world.CHARACTERS))],
         }
         padded = torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])])
         out, shown = [], []

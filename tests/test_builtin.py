@@ -290,10 +290,11 @@ def test_projector_targets_are_label_word_embeddings():
     ids = trainer.tokenizer.convert_tokens_to_ids
     square = 2 * 24 + 2  # row 2, column 2: a corner of the square
     torch.testing.assert_close(target[0, square], embeddings[ids(["red", "square", "1"])].sum(0) + code[square])
-    digit = 5 * 24 + 10  # the "4" of "42"
-    torch.testing.assert_close(target[0, digit], embeddings[ids(["text", "42"])].sum(0) + code[digit])
+    four, two = 5 * 24 + 10, 5 * 24 + 11  # "42": one character per patch, in reading order
+    torch.testing.assert_close(target[0, four], embeddings[ids(["text", "4"])].sum(0) + code[four])
+    torch.testing.assert_close(target[0, two], embeddings[ids(["text", "2"])].sum(0) + code[two])
     torch.testing.assert_close(target[0, 0], embeddings[ids("<image>")] + code[0])
-    assert int(shown.sum()) == 4 + 2 and shown[0, square] and shown[0, digit] and not shown[0, 0]
+    assert int(shown.sum()) == 4 + 2 and shown[0, square] and shown[0, two] and not shown[0, 0]
 
 
 def test_thinned_loss_with_every_patch_is_the_models_own_loss():

@@ -14,6 +14,7 @@ token to every group, each with its own next position id.
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from dataclasses import dataclass, field
 
@@ -301,7 +302,7 @@ class PruningEngine:
             )
         for n, stages in zip(n_visual, per_sample):
             counts = [n] + [s.keep for s in stages]
-            if any(k < 1 for k in counts[1:]) or any(a < b for a, b in zip(counts, counts[1:])):
+            if any(k < 1 for k in counts[1:]) or any(a < b for a, b in itertools.pairwise(counts)):
                 raise MethodError(f"method {method.name!r}: schedule {stages} for {n} tokens must keep 1..{n}, non-increasing")
         return [list(row) for row in zip(*per_sample)]
 

@@ -206,7 +206,7 @@ def _decide(store: ResultStore, key: RecordKey, force: bool) -> str:
 
 
 def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console,
-                  world: distributed.World = distributed.World(), prompt_ids: dict | None = None):
+                  world: distributed.World, prompt_ids: dict | None = None):
     """Run one cell through lmms-eval; returns its record and per-sample rows (None off rank 0)."""
     from lmms_eval import evaluator
     from rich.progress import (
@@ -338,7 +338,7 @@ def _provenance(args, device: str, dtype: str) -> dict:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None

@@ -228,9 +228,9 @@ def _convert(tp: Any, value: Any) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            if len(args) < len(typing.get_args(tp)):
-                return None
+        none_given = value is None or (isinstance(value, str) and value.lower() == "none")
+        if none_given and len(args) < len(typing.get_args(tp)):  # Optional[...]
+            return None
         errors = []
         for arg in args:
             try:

@@ -77,7 +77,7 @@ def task_manager(full: bool = True):
 
     import prunebench.tasks
 
-    include = [list(prunebench.tasks.__path__)[0]]
+    include = [next(iter(prunebench.tasks.__path__))]
     if not full:
         include.append(str(Path(lmms_eval.tasks.__file__).parent / "pope"))
     return TaskManager(verbosity="ERROR", include_path=include, include_defaults=full)

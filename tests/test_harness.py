@@ -44,7 +44,7 @@ def test_run_writes_a_record_per_cell_with_metrics_and_provenance(tmp_path, pope
     store = ResultStore(tmp_path)
     recs = {(r.key.method, r.key.budget): r for r in store.records()}
     assert set(recs) == {("none", "all"), ("random", "64")}
-    for (method, budget), rec in recs.items():
+    for rec in recs.values():
         assert rec.key.task == "pope" and rec.key.limit == 3 and rec.n_samples == 3
         assert rec.primary_metric == "pope_accuracy" and 0.0 <= rec.score <= 1.0
         assert {"pope_accuracy", "pope_f1_score"} <= set(rec.metrics)
@@ -136,7 +136,7 @@ def test_data_parallel_run_matches_a_single_process(tmp_path, pope_file):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --standalone: a free rendezvous port, so parallel test runs do not collide
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "prunebench", *args], env=env, capture_output=True, text=True, timeout=600)
+                           "-m", "prunebench", *args], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single_args = list(args)
     single_args[single_args.index("--results") + 1] = str(tmp_path / "single")

@@ -27,8 +27,8 @@ def test_wheel_ships_methods_tasks_and_the_console_script(tmp_path):
                    check=True)
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
-        [sys.executable, "-c", "import prunebench.method as m, prunebench; print(prunebench.__file__); "
-                               "print(sorted(m.available_methods()))"],
+        [sys.executable, "-c", ("import prunebench.method as m, prunebench; print(prunebench.__file__); "
+                                "print(sorted(m.available_methods()))")],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     ).stdout
     assert out.splitlines()[0].startswith(str(target))

@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((k, statistics.median(pruner), statistics.median(pruned), statistics.median(ideal)))
 
     lines = [
-        f"Prefill on `{args.model}` ({n_visual} visual tokens, {engine.adapter.num_layers} decoder layers), "
-        f"CPU, {args.threads} threads, median of {args.repeats} alternating passes after {args.warmup} warm-up.",
-        f"Command: `python -m prunebench.benchmarks.prefill_overhead --model {args.model} --budgets {args.budgets} "
-        f"--repeats {args.repeats}`",
+        (f"Prefill on `{args.model}` ({n_visual} visual tokens, {engine.adapter.num_layers} decoder layers), "
+         f"CPU, {args.threads} threads, median of {args.repeats} alternating passes after {args.warmup} warm-up."),
+        (f"Command: `python -m prunebench.benchmarks.prefill_overhead --model {args.model} --budgets {args.budgets} "
+         f"--repeats {args.repeats}`"),
         "",
         "| K | pruner ms | pruned prefill ms | ideal prefill ms | pruned / ideal |",
         "|---|---|---|---|---|",

@@ -1,7 +1,8 @@
 """The pruning-aware engine: prefill with pruning stages, then a KV-cached decode loop.
 
 It owns the layer loop and nothing else: the model's own embedding, vision tower, projector,
-decoder layers (SDPA), norm, rotary embedding and lm_head do all the maths. The engine decides
+decoder layers (SDPA, or eager attention given explicit masks), norm, rotary embedding and
+lm_head do all the maths. The engine decides
 which tokens enter each layer.
 
     image -> vision tower -> projector -> [pre-LLM stage] -> layers 0..L-1 -> [stage at L] -> ...
@@ -82,6 +83,9 @@ class PruningEngine:
         self.model = model.eval()
         self.adapter = adapter_for(model)
         self.tokenizer = tokenizer
+        # SDPA and FlashAttention mask causally by themselves when given no mask; eager attention
+        # applies only the mask it is given (an additive one), so it always gets one
+        self.eager = self.adapter.decoder.config._attn_implementation == "eager"
 
     @property
     def device(self) -> torch.device:
@@ -212,7 +216,8 @@ class PruningEngine:
                 if new_group:
                     group = Group(index, layout.valid.clone(), layout.next_position(), padded=not bool(layout.valid.all()))
                     groups.append(group)
-                    mask = _prefill_mask(layout.valid) if group.padded else None
+                    mask = _prefill_mask(layout.valid) if group.padded or self.eager else None
+                    mask = self._as_attention_mask(mask, hidden.dtype)
                     position_embeddings = adapter.decoder.rotary_emb(hidden, layout.positions)
                     n_visual = layout.visual.sum(-1)
                     new_group = False
@@ -262,7 +267,7 @@ class PruningEngine:
         masks, rotary = [], []
         for group in state.groups:
             group.valid = torch.cat([group.valid, group.valid.new_ones(len(token), 1)], dim=1)
-            masks.append(group.valid[:, None, None, :] if group.padded else None)
+            masks.append(self._as_attention_mask(group.valid[:, None, None, :] if group.padded else None, hidden.dtype))
             rotary.append(adapter.decoder.rotary_emb(hidden, group.next_position[:, None]))
             group.next_position = group.next_position + 1
         for index, layer in enumerate(adapter.layers):
@@ -278,6 +283,13 @@ class PruningEngine:
         return adapter.lm_head(adapter.decoder.norm(hidden))[:, -1]
 
     # -- helpers ----------------------------------------------------------------------------
+    def _as_attention_mask(self, allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """A boolean keep-mask as the layers' attention takes it: as is for SDPA, additive
+        (0 where allowed, the dtype's minimum elsewhere) for eager attention."""
+        if allowed is None or not self.eager:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
     def _schedule(self, method: Method | None, budget: Budget, n_visual: list[int]) -> list[list[Stage]]:
         """Per-stage rows of per-sample stages, validated against the model."""
         if method is None or budget.is_all and method.stage == "none":

@@ -8,6 +8,7 @@ import torch
 from conftest import run, single
 from references import MAX_NEW, assert_matches, eos_of, until_eos
 
+from prunebench.engine import PruningEngine
 from prunebench.method import create_method
 
 
@@ -34,6 +35,17 @@ def test_keep_all_single_prompt_matches_generate(tiny, engine):
     gen = run(engine, inputs, create_method("test-strided:layer=1"), budget="all", max_new_tokens=MAX_NEW,
               eos_token_id=list(eos) or None)
     assert_matches(gen, (out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)), eos)
+
+
+@pytest.mark.parametrize("spec", ["none", "test-strided:layer=1"])
+def test_eager_attention_gets_causal_masks(tiny, tiny_eager, batch, reference, spec):
+    """Eager attention masks only with the mask it is given: the engine must hand it a causal
+    (and, for the padded batch, padding) mask, or the prefill attends to later tokens."""
+    model, processor = tiny_eager
+    engine = PruningEngine(model, processor.tokenizer)
+    eos = eos_of(tiny[0])
+    gen = run(engine, batch, create_method(spec), budget="all", max_new_tokens=MAX_NEW, eos_token_id=list(eos) or None)
+    assert_matches(gen, reference, eos)
 
 
 def test_eos_stops_and_is_kept(engine, batch):

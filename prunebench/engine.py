@@ -78,14 +78,26 @@ class Prefill:
     visual_tokens: torch.Tensor
 
 
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
 class PruningEngine:
     def __init__(self, model: nn.Module, tokenizer=None):
         self.model = model.eval()
         self.adapter = adapter_for(model)
         self.tokenizer = tokenizer
-        # SDPA and FlashAttention mask causally by themselves when given no mask; eager attention
-        # applies only the mask it is given (an additive one), so it always gets one
-        self.eager = self.adapter.decoder.config._attn_implementation == "eager"
+        # SDPA masks causally by itself when given no mask; eager attention applies only the mask
+        # it is given (an additive one), so it always gets one. Other kernels take masks in other
+        # forms (FlashAttention-2: a 2-D padding mask), which this engine does not build.
+        implementation = self.adapter.decoder.config._attn_implementation
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"PruningEngine runs the decoder layers itself with masks built for "
+                f"{' or '.join(ATTENTION_IMPLEMENTATIONS)} attention; this model uses {implementation!r}. "
+                "Load it with attn_implementation='sdpa' (prunebench's loaders do; on a GPU, SDPA runs "
+                "FlashAttention kernels itself) or call model.set_attn_implementation('sdpa')."
+            )
+        self.eager = implementation == "eager"
 
     @property
     def device(self) -> torch.device:

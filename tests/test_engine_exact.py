@@ -10,6 +10,7 @@ from references import MAX_NEW, assert_matches, eos_of, until_eos
 
 from prunebench.engine import PruningEngine
 from prunebench.method import create_method
+from prunebench.models import build_tiny_llava
 
 
 @pytest.mark.parametrize(
@@ -46,6 +47,13 @@ def test_eager_attention_gets_causal_masks(tiny, tiny_eager, batch, reference, s
     eos = eos_of(tiny[0])
     gen = run(engine, batch, create_method(spec), budget="all", max_new_tokens=MAX_NEW, eos_token_id=list(eos) or None)
     assert_matches(gen, reference, eos)
+
+
+def test_other_attention_kernels_are_refused_clearly():
+    model, _ = build_tiny_llava(seed=1)
+    model.model.language_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="uses 'flash_attention_2'.*attn_implementation='sdpa'"):
+        PruningEngine(model)
 
 
 def test_eos_stops_and_is_kept(engine, batch):

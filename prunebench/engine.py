@@ -2,8 +2,7 @@
 
 It owns the layer loop and nothing else: the model's own embedding, vision tower, projector,
 decoder layers (SDPA, or eager attention given explicit masks), norm, rotary embedding and
-lm_head do all the maths. The engine decides
-which tokens enter each layer.
+lm_head do all the maths. The engine decides which tokens enter each layer.
 
     image -> vision tower -> projector -> [pre-LLM stage] -> layers 0..L-1 -> [stage at L] -> ...
           -> norm -> lm_head -> first token -> decode steps (per-layer-group KV lengths)

@@ -227,13 +227,19 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
                        on_progress=lambda n: progress.advance(bar, n),
                        on_requests=lambda n: progress.update(bar, total=n), prompt_ids=prompt_ids)
         torch.manual_seed(args.seed)
-        out = evaluator.simple_evaluate(
-            model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
-            verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
-            fewshot_random_seed=args.seed, bootstrap_iters=0,
-            # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
-            distributed_executor_backend="torchrun",
-        )
+        # lmms-eval's "Postprocessing" bar passes disable= itself, so TQDM_DISABLE cannot hide it
+        show_bar = evaluator.tqdm
+        evaluator.tqdm = lambda *a, **kw: show_bar(*a, **{**kw, "disable": True})
+        try:
+            out = evaluator.simple_evaluate(
+                model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
+                verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                fewshot_random_seed=args.seed, bootstrap_iters=0,
+                # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
+                distributed_executor_backend="torchrun",
+            )
+        finally:
+            evaluator.tqdm = show_bar
     all_stats = {k: v for part in distributed.gather(lm.stats, world) for k, v in part.items()}
     if not world.main:
         return None, None

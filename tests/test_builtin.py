@@ -195,13 +195,14 @@ def test_shipped_selectors_keep_the_text_that_random_pruning_loses(selector, shi
 
 
 @needs_shipped
-def test_default_run_covers_every_built_in_task_on_the_shipped_model(tmp_path):
+def test_default_run_covers_every_built_in_task_on_the_shipped_model(tmp_path, capfd):
     pytest.importorskip("lmms_eval")
     from prunebench.cli import main
     from prunebench.results import ResultStore
 
     assert main(["run", "--methods", "none,random", "--budgets", "64", "--limit", "2", "--max-new-tokens", "3",
                  "--results", str(tmp_path)]) == 0
+    assert "Postprocessing" not in capfd.readouterr().err  # lmms-eval's own bars stay hidden
     records = list(ResultStore(tmp_path).records())
     assert {(r.key.task, r.key.method) for r in records} == {(t, m) for t in world.TASKS for m in ("none", "random")}
     assert {r.key.model for r in records} == {"builtin:tiny-llava"} and all(r.n_samples == 2 for r in records)

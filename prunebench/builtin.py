@@ -87,8 +87,18 @@ class Recipe:
     # (reports/builtin/tiny-llava-training.md, session 6)
     existence_steps: int = 1250
     reader_steps: int = 1250  # then the mix: see Trainer.train_reader (its loss is flat after ~1500)
+    # then the position curriculum (one question per sequence): side of the image, then side and
+    # left/right-of 50/50; then every kind at once in quota conversations (0: skipped)
+    side_steps: int = 0
+    comparison_steps: int = 0
+    quota_steps: int = 0
     projector_steps: int = 150
     projector_lr: float = 3e-3
+    # loss weight of a printed character's patch in projector alignment (background 1, shapes 5): the
+    # decoder reads strings from these few tokens, and a reader trained after the position phases
+    # reads them only when they are close to their targets (training report, session 14)
+    projector_text_weight: float = 5.0
+    language_data: str = "mix"  # the language stage's conversations: "mix" (training_example) or "quota"
     language_steps: int = 1300  # number probes still rose at 1200 steps
     language_batch: int = 16
     language_lr: float = 1e-3
@@ -105,6 +115,21 @@ class Recipe:
     threads: int = 2
 
 
+# the recipe the shipped model was trained with, and the candidate that also learns left/right-of
+# (position curriculum + quota conversations; training report, sessions 12-14). Not shipped yet.
+RECIPES = {
+    "default": Recipe(),
+    "position": Recipe(existence_steps=1000, reader_steps=1000, side_steps=600, comparison_steps=800,
+                       quota_steps=1250, projector_steps=600, projector_text_weight=25.0, language_steps=800,
+                       language_data="quota"),
+}
+# the language stage's conversations (stream offset 10**8 for quota: the reader's quota phase uses 0...)
+LANGUAGE_DATA = {
+    "mix": world.training_example,
+    "quota": lambda seed, index, turns: world.quota_example(seed, 10**8 + index, turns=turns),
+}
+
+
 def _background_fraction(step: int, r: Recipe) -> float:
     """Curriculum: the share of background patches shown, from ``distractors_start`` up to all of
     them at ``distractors_full`` of the language steps (then the real, unpruned input)."""
@@ -112,6 +137,13 @@ def _background_fraction(step: int, r: Recipe) -> float:
     if step >= ramp:
         return 1.0
     return r.distractors_start + (1 - r.distractors_start) * (step / ramp) ** 2
+
+
+def _alignment_weights(scenes: list[world.Scene], shown: torch.Tensor, text_weight: float) -> torch.Tensor:
+    """``(B, 576)`` loss weights of projector alignment: background 1, shapes 5 (as the vision heads:
+    objects cover ~10 % of the patches), printed characters ``text_weight`` (~0.4 % of them)."""
+    text = torch.stack([torch.from_numpy(world.patch_labels(s)["char"].reshape(-1) > 0) for s in scenes])
+    return torch.where(text, text_weight, 1.0 + 4.0 * shown.float())
 
 
 def _lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -310,6 +342,10 @@ class Trainer:
         r = self.recipe
         self._reader_phase("existence", r.existence_steps, lambda i: world.existence_example(r.seed, i, turns=r.turns))
         self._reader_phase("reader", r.reader_steps, lambda i: world.training_example(r.seed, 10**8 + i, turns=r.turns))
+        self._reader_phase("side", r.side_steps, lambda i: world.position_example(r.seed, i, relation_share=0.0))
+        self._reader_phase("comparison", r.comparison_steps,
+                           lambda i: world.position_example(r.seed, 10**8 + i, relation_share=0.5))
+        self._reader_phase("quota", r.quota_steps, lambda i: world.quota_example(r.seed, i, turns=r.turns))
 
     def _reader_phase(self, stage: str, steps: int, example) -> None:
         """``steps`` reader steps on ``example(index)`` conversations, with a fresh optimizer and its
@@ -345,7 +381,7 @@ class Trainer:
             target, shown = self._word_targets(scenes, embeddings, column_code)
             projected = adapter.project(vision_features(adapter, self._pixels(scenes)))
             error = ((projected - target) ** 2).sum(-1) / scale**2
-            weight = 1.0 + 4.0 * shown.float()  # as the vision heads: objects cover ~10 % of the patches
+            weight = _alignment_weights(scenes, shown, r.projector_text_weight)
             loss = (error * weight).sum() / weight.sum()
             self._step(optimizer, list(projector.parameters()), loss, _lr(step, r.projector_steps, r.projector_lr, r.warmup))
             self._record("projector", step, loss, None)
@@ -355,9 +391,11 @@ class Trainer:
         self.model.model.vision_tower.requires_grad_(False)
         params = [p for n, p in self.model.named_parameters() if "vision_tower" not in n]
         optimizer = torch.optim.AdamW(params, lr=r.language_lr, weight_decay=0.01)
+        if r.language_data not in LANGUAGE_DATA:
+            raise ValueError(f"language_data {r.language_data!r}; valid choices: {', '.join(LANGUAGE_DATA)}")
+        conversation = LANGUAGE_DATA[r.language_data]
         for step in range(r.language_steps):
-            examples = [world.training_example(r.seed, step * r.language_batch + i, turns=r.turns)
-                        for i in range(r.language_batch)]
+            examples = [conversation(r.seed, step * r.language_batch + i, turns=r.turns) for i in range(r.language_batch)]
             scenes = [scene for scene, _ in examples]
             batch = self._batch([turns for _, turns in examples], scenes)
             fraction = _background_fraction(step, r)

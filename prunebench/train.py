@@ -26,7 +26,7 @@ import random
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prunebench.adapters import LlavaAdapter, adapter_for
 from prunebench.budget import Budget, BudgetError
-from prunebench.builtin import Recipe
+from prunebench.builtin import RECIPES, Recipe
 from prunebench.errors import UserError
 from prunebench.models import PROMPT_TEMPLATE, load_model
 from prunebench.selectors import (
@@ -646,15 +646,27 @@ def _seed(*parts: int) -> int:
 # command line
 
 
+# the built-in model's training stages, in order (prunebench/builtin.py), each with a --<stage>-steps flag
+TINY_LLAVA_STAGES = {
+    "vision": "vision-tower steps",
+    "existence": "LLM steps on existence questions only, on ideal visual tokens",
+    "reader": "LLM steps on the mixed conversations, on ideal visual tokens",
+    "side": "LLM steps on side-of-the-image questions, on ideal visual tokens",
+    "comparison": "LLM steps on side and left/right-of questions, on ideal visual tokens",
+    "quota": "LLM steps on quota conversations (every kind at once), on ideal visual tokens",
+    "projector": "projector alignment steps",
+    "language": "projector + LLM steps on real visual tokens",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("selector", choices=(*KINDS, "tiny-llava"),
                         help="which learned selector to train, or tiny-llava: the built-in model itself")
-    stages = {"vision": "vision-tower steps", "existence": "LLM steps on existence questions only, before the reader",
-              "reader": "LLM steps on ideal visual tokens, before the projector stage",
-              "projector": "projector alignment steps", "language": "projector + LLM steps"}
-    for stage, what in stages.items():
+    for stage, what in TINY_LLAVA_STAGES.items():
         default = getattr(Recipe, f"{stage}_steps")
-        parser.add_argument(f"--{stage}-steps", type=int, default=None, help=f"tiny-llava: {what} (default {default})")
+        parser.add_argument(f"--{stage}-steps", type=int, default=None, help=f"tiny-llava: {what} (default recipe: {default})")
+    parser.add_argument("--recipe", choices=RECIPES, default="default",
+                        help="tiny-llava: the shipped model's recipe (default) or the left/right-of candidate (position)")
     parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), builtin:tiny-llava or random:tiny-llava")
     parser.add_argument("--data", default="synthetic",
                         help="a .jsonl/.parquet of image + caption (or question + answer), a Hugging Face dataset id "
@@ -692,11 +704,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.selector == "tiny-llava":
-        from prunebench.builtin import Recipe
         from prunebench.builtin import train as train_builtin
 
-        steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in ("vision", "existence", "reader", "projector", "language")}
-        recipe = Recipe(seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
+        steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in TINY_LLAVA_STAGES}
+        recipe = replace(RECIPES[args.recipe], seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
         train_builtin(recipe, Path(args.out))
         return 0
     try:

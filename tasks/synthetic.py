@@ -409,3 +409,54 @@ def training_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list
         pool.append((prompt_text("synth-pope", question), answer))
     rng.shuffle(pool)
     return scene, pool[:turns] + [(CAPTION_PROMPT, caption(scene))]
+
+
+def side_questions(scene: Scene) -> list[tuple[str, str]]:
+    """"Is the red circle on the left or right of the image?" for every shape whose centre lies at
+    least 8 px from the middle: reading one object's column, the step before comparing two."""
+    return [(f"Is the {s.colour} {s.shape} on the left or right of the image?", "left" if s.centre_x < SIZE / 2 else "right")
+            for s in scene.shapes if abs(s.centre_x - SIZE / 2) >= 8]
+
+
+def position_example(seed: int, index: int, relation_share: float) -> tuple[Scene, list[tuple[str, str]]]:
+    """A scene (stream ``position``) and one question: left/right-of two objects with probability
+    ``relation_share``, else the side of the image one object is on (0: side questions only)."""
+    rng = rng_for("position", seed, index)
+    while True:
+        scene = _training_scene(rng)
+        relation = rng.random() < relation_share
+        options = gqa_questions(scene)["relation"] if relation else side_questions(scene)
+        if options:
+            question, answer = rng.choice(options)
+            return scene, [(prompt_text("synth-gqa", question), answer)]
+
+
+QUOTA_KINDS = ("existence", "text", "position", "other")
+
+
+def quota_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list[tuple[str, str]]]:
+    """A scene (stream ``quota``) with ``turns`` questions drawn two per kind of ``QUOTA_KINDS``
+    (position: side or left/right-of; other: colour, shape or count; text falls back to other when
+    the scene has no string), then its caption: every skill in every conversation, so that a
+    phase after single-kind ones relearns them all together."""
+    rng = rng_for("quota", seed, index)
+    scene = _training_scene(rng)
+    gqa = gqa_questions(scene)
+    pool: list[tuple[str, str]] = []
+    for kind in QUOTA_KINDS * 2:
+        if kind == "text" and scene.text is not None:
+            pool.append((prompt_text("synth-textvqa", text_question(scene)[0]), scene.text.string))
+            continue
+        if kind == "existence":
+            question, answer, _ = pope_question(scene, rng, present=rng.random() < 0.5)
+            pool.append((prompt_text("synth-pope", question), answer))
+            continue
+        if kind == "position":
+            options = gqa["relation"] if rng.random() < 0.5 and gqa["relation"] else side_questions(scene)
+        else:
+            options = gqa[rng.choice([k for k in ("colour", "shape", "count") if gqa[k]])]
+        if options:
+            question, answer = rng.choice(options)
+            pool.append((prompt_text("synth-gqa", question), answer))
+    rng.shuffle(pool)
+    return scene, pool[:turns] + [(CAPTION_PROMPT, caption(scene))]

@@ -12,10 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from prunebench.tasks import synthetic as world
+from rich.console import Console
 
 from prunebench.adapters import LlavaAdapter
 from prunebench.builtin import Recipe, Trainer, train
-from prunebench.models import BUILTIN_SPEC, BUILTIN_TRAINED, PROMPT_TEMPLATE, load_model
+from prunebench.models import (
+    ASSETS,
+    BUILTIN_SPEC,
+    BUILTIN_TRAINED,
+    PROMPT_TEMPLATE,
+    load_model,
+)
 from prunebench.taskspec import GENERATED
 
 
@@ -48,6 +55,8 @@ def test_evaluation_sets_do_not_overlap_the_training_data():
     training = {image_hash(world.training_example(0, i)[0]) for i in range(3000)}
     training |= {image_hash(world.vision_scene(0, i)) for i in range(500)}
     training |= {image_hash(world.existence_example(0, i)[0]) for i in range(1000)}
+    training |= {image_hash(world.position_example(0, i, relation_share=0.5)[0]) for i in range(1000)}
+    training |= {image_hash(world.quota_example(0, i)[0]) for i in range(1000)}
     assert len(evaluation) > 0.99 * sum(g.size for g in GENERATED.values())  # scenes are not degenerate
     assert not evaluation & training
 
@@ -222,11 +231,13 @@ def test_first_training_turn_is_the_evaluation_prompt():
 
 
 def test_recipe_trains_saves_and_loads(tmp_path):
-    recipe = Recipe(vision_steps=2, vision_batch=2, existence_steps=1, reader_steps=1, projector_steps=2,
-                    language_steps=2, language_batch=2, turns=2, probes=3, eval_every=1, threads=1)
+    recipe = Recipe(vision_steps=2, vision_batch=2, existence_steps=1, reader_steps=1, side_steps=1,
+                    comparison_steps=1, quota_steps=1, projector_steps=2, language_steps=2, language_batch=2,
+                    turns=2, probes=3, eval_every=1, threads=1)
     trainer = train(recipe, tmp_path / "tiny")
     stages = [entry["stage"] for entry in trainer.log]
-    assert stages == ["vision", "vision", "existence", "reader", "projector", "projector", "language", "language"]
+    assert stages == ["vision", "vision", "existence", "reader", "side", "comparison", "quota", "projector",
+                      "projector", "language", "language"]
     assert all(np.isfinite(entry["loss"]) for entry in trainer.log)
     assert "accuracy" in trainer.log[-1]
     log = json.loads((tmp_path / "tiny" / "training_log.json").read_text())
@@ -263,6 +274,96 @@ def test_existence_examples_ask_balanced_well_posed_pope_questions():
             assert answer == ("yes" if (colour, shape) in here else "no"), prompt
             answers.append(answer)
         assert answers.count("yes") == answers.count("no") == 3
+
+
+def test_position_examples_ask_one_well_posed_side_or_relation_question():
+    kinds = []
+    for i in range(60):
+        scene, turns = world.position_example(0, i, relation_share=0.5)
+        assert world.position_example(0, i, relation_share=0.5) == (scene, turns) and len(turns) == 1
+        (prompt, answer), = turns
+        question = prompt.split("\n")[0]
+        if "of the image" in question:
+            kinds.append("side")
+            assert (question, answer) in world.side_questions(scene)
+            (obj,) = [s for s in scene.shapes if f"the {s.colour} {s.shape} on" in question]
+            assert answer == ("left" if obj.centre_x < world.SIZE / 2 else "right")
+        else:
+            kinds.append("relation")
+            assert (question, answer) in world.gqa_questions(scene)["relation"]
+    assert 15 < kinds.count("side") < 45
+    assert all("of the image" in world.position_example(0, i, relation_share=0.0)[1][0][0] for i in range(20))
+
+
+def test_quota_examples_ask_every_kind_with_right_answers():
+    asked = {"existence": 0, "text": 0, "position": 0, "other": 0}
+    for i in range(40):
+        scene, turns = world.quota_example(0, i)
+        assert world.quota_example(0, i) == (scene, turns)
+        assert turns[-1] == (world.CAPTION_PROMPT, world.caption(scene)) and len(turns) == 7
+        gqa = {q: a for options in world.gqa_questions(scene).values() for q, a in options}
+        gqa.update(world.side_questions(scene))
+        for prompt, answer in turns[:-1]:
+            question = prompt.split("\n")[0]
+            if question.startswith("Is there"):
+                colour, shape = question.split(" in the image?")[0].split()[-2:]
+                here = {(s.colour, s.shape) for s in scene.shapes}
+                assert answer == ("yes" if (colour, shape) in here else "no")
+                asked["existence"] += 1
+            elif question.lower() == "what is written in the image?":
+                assert answer == scene.text.string
+                asked["text"] += 1
+            else:
+                assert gqa[question] == answer, question
+                asked["position" if answer in ("left", "right") else "other"] += 1
+    assert min(asked.values()) >= 20, asked
+
+
+def test_command_line_sets_every_training_stage(monkeypatch, tmp_path):
+    import argparse
+
+    from prunebench import train as train_module
+
+    parser = argparse.ArgumentParser()
+    train_module.add_arguments(parser)
+    flags = [f"--{stage}-steps={i + 1}" for i, stage in enumerate(train_module.TINY_LLAVA_STAGES)]
+    seen = {}
+    monkeypatch.setattr("prunebench.builtin.train", lambda recipe, out: seen.update(recipe=recipe, out=out))
+    assert train_module.main(parser.parse_args(["tiny-llava", "--out", str(tmp_path), *flags])) == 0
+    for i, stage in enumerate(train_module.TINY_LLAVA_STAGES):
+        assert getattr(seen["recipe"], f"{stage}_steps") == i + 1
+
+
+def test_default_recipe_is_the_one_the_shipped_model_was_trained_with():
+    from dataclasses import asdict
+
+    from prunebench.builtin import RECIPES
+
+    logged = json.loads((ASSETS / "tiny-llava" / "training_log.json").read_text())["recipe"]
+    default = asdict(RECIPES["default"])
+    assert {key: default[key] for key in logged} == logged
+    # stages and options added since are off in the default recipe
+    assert {k: v for k, v in default.items() if k not in logged} == {
+        "side_steps": 0, "comparison_steps": 0, "quota_steps": 0, "projector_text_weight": 5.0, "language_data": "mix"}
+
+
+def test_alignment_weighs_characters_apart_from_shapes_and_background():
+    from prunebench.builtin import _alignment_weights
+
+    scene = world.Scene((230, 230, 230), (world.Shape("red", "square", (40, 8, 47, 15)),),
+                        world.Text("cat", x=4, y=60, ink=(0, 0, 0)))
+    labels = world.patch_labels(scene)
+    shown = torch.from_numpy(labels["shape"].reshape(1, -1) > 0)
+    weights = _alignment_weights([scene], shown, text_weight=25.0)[0]
+    char = torch.from_numpy(labels["char"].reshape(-1) > 0)
+    assert int(char.sum()) == 3 and set(weights[char].tolist()) == {25.0}
+    assert set(weights[shown[0] & ~char].tolist()) == {5.0} and set(weights[~shown[0]].tolist()) == {1.0}
+
+
+def test_language_stage_refuses_unknown_conversations():
+    trainer = Trainer(Recipe(language_steps=1, language_data="captions", probes=1), Console(quiet=True))
+    with pytest.raises(ValueError, match="valid choices: mix, quota"):
+        trainer.train_language()
 
 
 def test_neighbour_character_targets():

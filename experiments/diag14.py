@@ -230,3 +230,20 @@ def projector():
 
 if __name__ == "__main__" and sys.argv[1] == "proj":
     projector()
+
+
+def finish():
+    """argv: finish HANDOVER OUT: the candidate recipe's language stage from a saved handover state."""
+    from transformers import LlavaForConditionalGeneration
+    r = builtin.RECIPES["position"]
+    torch.set_num_threads(r.threads)
+    t = builtin.Trainer(r, Console(stderr=True))
+    t.model = LlavaForConditionalGeneration.from_pretrained(OUT)
+    t.model.generation_config.pad_token_id = t.tokenizer.pad_token_id
+    t.model.train()
+    t.train_language()
+    t.save(Path(sys.argv[3]))
+
+
+if __name__ == "__main__" and sys.argv[1] == "finish":
+    finish()

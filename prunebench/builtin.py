@@ -35,8 +35,14 @@ steps; with it the loss leaves the prior after ~500 steps (0.86 -> 0.20 by step 
 stage 3 starts from an LLM that already retrieves from word-like tokens. The mixed reader never
 learns existence questions ("is there a red circle?": it answers a constant); a first phase on
 existence questions alone (``existence_steps``) does learn them, and the mixed phase after it then
-keeps them and learns colour -> shape retrieval too. Left/right is not learnt: see the training
-report for what was tried.
+keeps them and learns colour -> shape retrieval too. Left/right is not learnt in this order: see
+the training report for what was tried.
+
+Optional reader phases after the mix (0 steps in the default recipe): side-of-the-image questions,
+then side and left/right-of questions (one per sequence), then quota conversations that ask every
+kind at once. The ``position`` recipe (RECIPES) uses them with a longer, character-weighted
+projector alignment; it learns left/right-of from real tokens but is not shipped (numbers and
+existence lag: training report, session 14).
 
 Status: the shipped model (prunebench/assets/tiny-llava) is this recipe's default run, 400 + 1250
 + 1250 + 150 + 1300 steps in 40.7 min on 2 cores. Unpruned on the 500 evaluation questions:

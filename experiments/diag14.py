@@ -192,34 +192,23 @@ if __name__ == "__main__" and sys.argv[1] == "lang":
 
 def projector():
     """argv: proj OUT STEPS TEXT_WEIGHT LR THREADS: re-align the projector from a fresh init at the
-    handover state, text patches weighted TEXT_WEIGHT (shapes 5), then the errors and thin probes."""
+    handover state, text patches weighted TEXT_WEIGHT (shapes 5), then the errors and thin probes.
+    (Session 14 ran this as a copy of the alignment loop, before the weight was a recipe field.)"""
     from transformers import LlavaForConditionalGeneration
     torch.set_num_threads(int(sys.argv[6]))
     steps, text_weight, lr = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-    t = builtin.Trainer(recipe(projector_steps=steps, projector_lr=lr), Console(stderr=True))
+    t = builtin.Trainer(recipe(projector_steps=steps, projector_lr=lr, projector_text_weight=text_weight),
+                        Console(stderr=True))
     t.model = LlavaForConditionalGeneration.from_pretrained(OUT)
     torch.manual_seed(1)
     for m in t.model.model.multi_modal_projector.modules():
         if isinstance(m, torch.nn.Linear):
             m.reset_parameters()
-    r = t.recipe
-    adapter = LlavaAdapter(t.model)
-    proj = t.model.model.multi_modal_projector
-    emb = t.model.get_input_embeddings().weight.detach().clone()
-    scale = float(emb.norm(dim=1).mean())
-    col = t._column_code(emb)
-    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
     start = time.perf_counter()
-    for step in range(steps):
-        scenes = [world.training_example(r.seed, 10**7 + step * r.vision_batch + i)[0] for i in range(r.vision_batch)]
-        target, shown = t._word_targets(scenes, emb, col)
-        text = torch.stack([torch.from_numpy(world.patch_labels(s)["char"].reshape(-1) > 0) for s in scenes])
-        projected = adapter.project(vision_features(adapter, t._pixels(scenes)))
-        error = ((projected - target) ** 2).sum(-1) / scale**2
-        weight = 1.0 + 4.0 * shown.float() + (text_weight - 5.0) * text.float()
-        loss = (error * weight).sum() / weight.sum()
-        t._step(opt, list(proj.parameters()), loss, builtin._lr(step, steps, lr, r.warmup))
-    print(f"projector {steps} steps, text weight {text_weight}, lr {lr}: {time.perf_counter() - start:.0f}s, loss {float(loss):.4f}")
+    t.model.train()
+    t.train_projector()  # the recipe's alignment stage, with this weight and length
+    loss = t.log[-1]["loss"]
+    print(f"projector {steps} steps, text weight {text_weight}, lr {lr}: {time.perf_counter() - start:.0f}s, loss {loss:.4f}")
     t.model.eval()
     items = probe_items(40)
     print(json.dumps(errors(t, items["synth-textvqa:word"] + items["synth-gqa:colour"])))

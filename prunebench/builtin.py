@@ -83,6 +83,13 @@ LOG_NAME = "training_log.json"
 CURVE_NAME = "learning_curve.md"
 
 
+# the language stage's conversations (stream offset 10**8 for quota: the reader's quota phase uses 0...)
+LANGUAGE_DATA = {
+    "mix": world.training_example,
+    "quota": lambda seed, index, turns: world.quota_example(seed, 10**8 + index, turns=turns),
+}
+
+
 @dataclass
 class Recipe:
     vision_steps: int = 400
@@ -120,6 +127,10 @@ class Recipe:
     seed: int = 0
     threads: int = 2
 
+    def __post_init__(self):  # fail before training, not when the language stage starts
+        if self.language_data not in LANGUAGE_DATA:
+            raise ValueError(f"language_data {self.language_data!r}; valid choices: {', '.join(LANGUAGE_DATA)}")
+
 
 # the recipe the shipped model was trained with, and the candidate that also learns left/right-of
 # (position curriculum + quota conversations; training report, sessions 12-14). Not shipped yet.
@@ -128,11 +139,6 @@ RECIPES = {
     "position": Recipe(existence_steps=1000, reader_steps=1000, side_steps=600, comparison_steps=800,
                        quota_steps=1250, projector_steps=600, projector_text_weight=25.0, language_steps=800,
                        language_data="quota"),
-}
-# the language stage's conversations (stream offset 10**8 for quota: the reader's quota phase uses 0...)
-LANGUAGE_DATA = {
-    "mix": world.training_example,
-    "quota": lambda seed, index, turns: world.quota_example(seed, 10**8 + index, turns=turns),
 }
 
 
@@ -397,8 +403,6 @@ class Trainer:
         self.model.model.vision_tower.requires_grad_(False)
         params = [p for n, p in self.model.named_parameters() if "vision_tower" not in n]
         optimizer = torch.optim.AdamW(params, lr=r.language_lr, weight_decay=0.01)
-        if r.language_data not in LANGUAGE_DATA:
-            raise ValueError(f"language_data {r.language_data!r}; valid choices: {', '.join(LANGUAGE_DATA)}")
         conversation = LANGUAGE_DATA[r.language_data]
         for step in range(r.language_steps):
             examples = [conversation(r.seed, step * r.language_batch + i, turns=r.turns) for i in range(r.language_batch)]

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from prunebench.tasks import synthetic as world
-from rich.console import Console
 
 from prunebench.adapters import LlavaAdapter
 from prunebench.builtin import Recipe, Trainer, train
@@ -360,10 +359,9 @@ def test_alignment_weighs_characters_apart_from_shapes_and_background():
     assert set(weights[shown[0] & ~char].tolist()) == {5.0} and set(weights[~shown[0]].tolist()) == {1.0}
 
 
-def test_language_stage_refuses_unknown_conversations():
-    trainer = Trainer(Recipe(language_steps=1, language_data="captions", probes=1), Console(quiet=True))
-    with pytest.raises(ValueError, match="valid choices: mix, quota"):
-        trainer.train_language()
+def test_recipe_refuses_unknown_language_conversations():
+    with pytest.raises(ValueError, match="'captions'; valid choices: mix, quota"):
+        Recipe(language_data="captions")
 
 
 def test_neighbour_character_targets():

@@ -85,8 +85,9 @@ CURVE_NAME = "learning_curve.md"
 
 # the language stage's conversations (stream offset 10**8 for quota: the reader's quota phase uses 0...)
 LANGUAGE_DATA = {
-    "mix": world.training_example,
-    "quota": lambda seed, index, turns: world.quota_example(seed, 10**8 + index, turns=turns),
+    "mix": lambda r, index: world.training_example(r.seed, index, turns=r.turns),
+    "quota": lambda r, index: world.quota_example(r.seed, 10**8 + index, turns=r.turns, quotas=r.language_quotas,
+                                                  numbers=r.language_numbers),
 }
 
 
@@ -112,6 +113,11 @@ class Recipe:
     # reads them only when they are close to their targets (training report, session 14)
     projector_text_weight: float = 5.0
     language_data: str = "mix"  # the language stage's conversations: "mix" (training_example) or "quota"
+    # quota conversations of the language stage: questions drawn per image of each of world.QUOTA_KINDS
+    # (existence, text, position, other), and the share of printed strings that are numbers. Numbers
+    # are the slowest skill (at 0.5, each of 90 is seen 4.5x less often than each of 20 words)
+    language_quotas: tuple[int, ...] = (2, 2, 2, 2)
+    language_numbers: float = 0.5
     language_steps: int = 1300  # number probes still rose at 1200 steps
     language_batch: int = 16
     language_lr: float = 1e-3
@@ -130,6 +136,8 @@ class Recipe:
     def __post_init__(self):  # fail before training, not when the language stage starts
         if self.language_data not in LANGUAGE_DATA:
             raise ValueError(f"language_data {self.language_data!r}; valid choices: {', '.join(LANGUAGE_DATA)}")
+        if len(self.language_quotas) != len(world.QUOTA_KINDS) or min(self.language_quotas) < 0:
+            raise ValueError(f"language_quotas {self.language_quotas}: one count >= 0 per kind of {world.QUOTA_KINDS}")
 
 
 # the recipe the shipped model was trained with, and the candidate that also learns left/right-of
@@ -137,8 +145,8 @@ class Recipe:
 RECIPES = {
     "default": Recipe(),
     "position": Recipe(existence_steps=1000, reader_steps=1000, side_steps=600, comparison_steps=800,
-                       quota_steps=1250, projector_steps=600, projector_text_weight=25.0, language_steps=800,
-                       language_data="quota"),
+                       quota_steps=1250, projector_steps=600, projector_text_weight=25.0, language_steps=1000,
+                       language_data="quota", language_quotas=(3, 3, 2, 1), language_numbers=0.75),
 }
 
 
@@ -405,7 +413,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=r.language_lr, weight_decay=0.01)
         conversation = LANGUAGE_DATA[r.language_data]
         for step in range(r.language_steps):
-            examples = [conversation(r.seed, step * r.language_batch + i, turns=r.turns) for i in range(r.language_batch)]
+            examples = [conversation(r, step * r.language_batch + i) for i in range(r.language_batch)]
             scenes = [scene for scene, _ in examples]
             batch = self._batch([turns for _, turns in examples], scenes)
             fraction = _background_fraction(step, r)

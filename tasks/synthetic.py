@@ -285,8 +285,9 @@ def _exists(colour: str, shape: str) -> str:
     return f"Is there {'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} in the image?"
 
 
-def _random_text(rng: random.Random) -> str:
-    return rng.choice(NUMBERS) if rng.random() < 0.5 else rng.choice(WORDS)
+def _random_text(rng: random.Random, numbers: float = 0.5) -> str:
+    """A number with probability ``numbers``, else a word."""
+    return rng.choice(NUMBERS) if rng.random() < numbers else rng.choice(WORDS)
 
 
 def task_sample(task: str, seed: int, index: int) -> Sample:
@@ -374,9 +375,10 @@ def caption(scene: Scene) -> str:
     return " , ".join(words for _, _, words in sorted(items))
 
 
-def _training_scene(rng: random.Random) -> Scene:
-    """A training scene: 2-5 shapes, and a printed string 60 % of the time."""
-    text = _random_text(rng) if rng.random() < 0.6 else None
+def _training_scene(rng: random.Random, numbers: float = 0.5) -> Scene:
+    """A training scene: 2-5 shapes, and a printed string 60 % of the time (a number with
+    probability ``numbers``)."""
+    text = _random_text(rng, numbers) if rng.random() < 0.6 else None
     return sample_scene(rng, rng.randint(2, 5), text=text)
 
 
@@ -434,16 +436,19 @@ def position_example(seed: int, index: int, relation_share: float) -> tuple[Scen
 QUOTA_KINDS = ("existence", "text", "position", "other")
 
 
-def quota_example(seed: int, index: int, turns: int = 6) -> tuple[Scene, list[tuple[str, str]]]:
-    """A scene (stream ``quota``) with ``turns`` questions drawn two per kind of ``QUOTA_KINDS``
-    (position: side or left/right-of; other: colour, shape or count; text falls back to other when
-    the scene has no string), then its caption: every skill in every conversation, so that a
-    phase after single-kind ones relearns them all together."""
+def quota_example(seed: int, index: int, turns: int = 6, quotas: tuple[int, ...] = (2, 2, 2, 2),
+                  numbers: float = 0.5) -> tuple[Scene, list[tuple[str, str]]]:
+    """A scene (stream ``quota``) with ``turns`` questions drawn from quotas: ``quotas[k]`` questions
+    of kind ``QUOTA_KINDS[k]`` (position: side or left/right-of; other: colour, shape or count; text
+    falls back to other when the scene has no string), shuffled, ``turns`` of them kept, then its
+    caption: every skill in every conversation, so that a phase after single-kind ones relearns them
+    all together. ``numbers``: the share of printed strings that are numbers (words are read long
+    before numbers are)."""
     rng = rng_for("quota", seed, index)
-    scene = _training_scene(rng)
+    scene = _training_scene(rng, numbers)
     gqa = gqa_questions(scene)
     pool: list[tuple[str, str]] = []
-    for kind in QUOTA_KINDS * 2:
+    for kind in (kind for kind, n in zip(QUOTA_KINDS, quotas, strict=True) for _ in range(n)):
         if kind == "text" and scene.text is not None:
             pool.append((prompt_text("synth-textvqa", text_question(scene)[0]), scene.text.string))
             continue

@@ -294,28 +294,52 @@ def test_position_examples_ask_one_well_posed_side_or_relation_question():
     assert all("of the image" in world.position_example(0, i, relation_share=0.0)[1][0][0] for i in range(20))
 
 
+def _quota_kinds(scene: world.Scene, turns: list[tuple[str, str]]) -> list[str]:
+    """The QUOTA_KINDS kind of every question of a quota conversation, each answer checked."""
+    assert turns[-1] == (world.CAPTION_PROMPT, world.caption(scene))
+    gqa = {q: a for options in world.gqa_questions(scene).values() for q, a in options}
+    gqa.update(world.side_questions(scene))
+    kinds = []
+    for prompt, answer in turns[:-1]:
+        question = prompt.split("\n")[0]
+        if question.startswith("Is there"):
+            colour, shape = question.split(" in the image?")[0].split()[-2:]
+            here = {(s.colour, s.shape) for s in scene.shapes}
+            assert answer == ("yes" if (colour, shape) in here else "no")
+            kinds.append("existence")
+        elif question.lower() == "what is written in the image?":
+            assert answer == scene.text.string
+            kinds.append("text")
+        else:
+            assert gqa[question] == answer, question
+            kinds.append("position" if answer in ("left", "right") else "other")
+    return kinds
+
+
 def test_quota_examples_ask_every_kind_with_right_answers():
-    asked = {"existence": 0, "text": 0, "position": 0, "other": 0}
+    asked = {kind: 0 for kind in world.QUOTA_KINDS}
     for i in range(40):
         scene, turns = world.quota_example(0, i)
-        assert world.quota_example(0, i) == (scene, turns)
-        assert turns[-1] == (world.CAPTION_PROMPT, world.caption(scene)) and len(turns) == 7
-        gqa = {q: a for options in world.gqa_questions(scene).values() for q, a in options}
-        gqa.update(world.side_questions(scene))
-        for prompt, answer in turns[:-1]:
-            question = prompt.split("\n")[0]
-            if question.startswith("Is there"):
-                colour, shape = question.split(" in the image?")[0].split()[-2:]
-                here = {(s.colour, s.shape) for s in scene.shapes}
-                assert answer == ("yes" if (colour, shape) in here else "no")
-                asked["existence"] += 1
-            elif question.lower() == "what is written in the image?":
-                assert answer == scene.text.string
-                asked["text"] += 1
-            else:
-                assert gqa[question] == answer, question
-                asked["position" if answer in ("left", "right") else "other"] += 1
+        assert world.quota_example(0, i) == (scene, turns) and len(turns) == 7
+        for kind in _quota_kinds(scene, turns):
+            asked[kind] += 1
     assert min(asked.values()) >= 20, asked
+
+
+def test_quota_examples_follow_their_quotas_and_number_share():
+    numbers, strings = 0, 0
+    for i in range(40):
+        scene, turns = world.quota_example(0, i, quotas=(3, 3, 0, 0), numbers=1.0)
+        kinds = _quota_kinds(scene, turns)
+        if scene.text is None:  # reading falls back to colour / shape / count
+            assert kinds.count("existence") == 3 and kinds.count("other") == 3
+        else:
+            assert sorted(kinds) == ["existence"] * 3 + ["text"] * 3
+            strings += 1
+            numbers += scene.text.string.isdigit()
+    assert strings >= 15 and numbers == strings
+    with pytest.raises(ValueError):
+        world.quota_example(0, 0, quotas=(2, 2, 2))
 
 
 def test_command_line_sets_every_training_stage(monkeypatch, tmp_path):
@@ -339,11 +363,12 @@ def test_default_recipe_is_the_one_the_shipped_model_was_trained_with():
     from prunebench.builtin import RECIPES
 
     logged = json.loads((ASSETS / "tiny-llava" / "training_log.json").read_text())["recipe"]
-    default = asdict(RECIPES["default"])
+    default = json.loads(json.dumps(asdict(RECIPES["default"])))  # as logged: tuples become lists
     assert {key: default[key] for key in logged} == logged
     # stages and options added since are off in the default recipe
     assert {k: v for k, v in default.items() if k not in logged} == {
-        "side_steps": 0, "comparison_steps": 0, "quota_steps": 0, "projector_text_weight": 5.0, "language_data": "mix"}
+        "side_steps": 0, "comparison_steps": 0, "quota_steps": 0, "projector_text_weight": 5.0, "language_data": "mix",
+        "language_quotas": [2, 2, 2, 2], "language_numbers": 0.5}
 
 
 def test_alignment_weighs_characters_apart_from_shapes_and_background():
@@ -362,6 +387,8 @@ def test_alignment_weighs_characters_apart_from_shapes_and_background():
 def test_recipe_refuses_unknown_language_conversations():
     with pytest.raises(ValueError, match="'captions'; valid choices: mix, quota"):
         Recipe(language_data="captions")
+    with pytest.raises(ValueError, match="language_quotas"):
+        Recipe(language_quotas=(2, 2, 2))
 
 
 def test_neighbour_character_targets():

@@ -181,12 +181,6 @@ def language():
 
 
 if __name__ == "__main__" and sys.argv[1] == "lang":
-    import os
-    if os.environ.get("NUMBER_SHARE"):  # language conversations: a string in most scenes, mostly numbers
-        share = float(os.environ["NUMBER_SHARE"])
-        world._random_text = lambda rng: rng.choice(world.NUMBERS) if rng.random() < share else rng.choice(world.WORDS)
-        world._training_scene = lambda rng: world.sample_scene(
-            rng, rng.randint(2, 5), text=world._random_text(rng) if rng.random() < 0.9 else None)
     language()
 
 

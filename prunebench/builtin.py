@@ -81,6 +81,11 @@ from prunebench.tasks import synthetic as world
 
 LOG_NAME = "training_log.json"
 CURVE_NAME = "learning_curve.md"
+HANDOVER_NAME = "handover.json"
+# the Recipe fields only the language stage reads: a saved handover state (the model before the
+# language stage) can be finished with other values of these, and must match in every other field
+LANGUAGE_ONLY = {"language_data", "language_quotas", "language_numbers", "language_steps", "distractors_start",
+                 "distractors_full", "reindexed_share", "eval_every", "probes", "threads"}
 
 
 # the language stage's conversations (stream offset 10**8 for quota: the reader's quota phase uses 0...)
@@ -112,6 +117,10 @@ class Recipe:
     # decoder reads strings from these few tokens, and a reader trained after the position phases
     # reads them only when they are close to their targets (training report, session 14)
     projector_text_weight: float = 5.0
+    # mark the first character of a printed string: a vision head learns it, and its ideal token
+    # carries a fixed code for it. Two digits sit in adjacent columns, whose column codes barely
+    # differ, and without the mark numbers are read with their digits swapped (training report, session 15)
+    string_start: bool = False
     language_data: str = "mix"  # the language stage's conversations: "mix" (training_example) or "quota"
     # quota conversations of the language stage: questions drawn per image of each of world.QUOTA_KINDS
     # (existence, text, position, other), and the share of printed strings that are numbers. Numbers
@@ -145,8 +154,8 @@ class Recipe:
 RECIPES = {
     "default": Recipe(),
     "position": Recipe(existence_steps=1000, reader_steps=1000, side_steps=600, comparison_steps=800,
-                       quota_steps=1250, projector_steps=600, projector_text_weight=25.0, language_steps=1000,
-                       language_data="quota", language_quotas=(3, 3, 2, 1), language_numbers=0.75),
+                       quota_steps=1250, projector_steps=600, projector_text_weight=25.0, string_start=True,
+                       language_steps=1000, language_data="quota", language_quotas=(3, 2, 2, 2)),
 }
 
 
@@ -175,10 +184,12 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
 class VisionHeads(nn.Module):
     """Linear read-outs of the projector's input features: per patch and for the CLS token."""
 
-    def __init__(self, width: int, grid: int):
+    def __init__(self, width: int, grid: int, string_start: bool = False):
         super().__init__()
         chars = world.PATCH_LABELS["char"]
         classes = dict(world.PATCH_LABELS, row=grid, column=grid, char_left=chars, char_right=chars)
+        if string_start:
+            classes["string_start"] = 2
         self.patch = nn.ModuleDict({name: nn.Linear(width, n) for name, n in classes.items()})
         self.present = nn.Linear(width, len(world.COLOURS) * len(world.SHAPES) + 1)  # pairs + "text"
 
@@ -190,7 +201,7 @@ class VisionHeads(nn.Module):
             logits, target = head(patches).flatten(0, 1), labels[name].flatten()
             if name in world.PATCH_LABELS:  # objects cover ~10 % of the patches: weigh them up
                 weight, on = 1.0 + 4.0 * (target > 0).float(), target > 0
-            else:  # position: every patch; neighbours' characters: character patches only (-1 elsewhere)
+            else:  # position: every patch; neighbours' characters, string start: character patches only (-1 elsewhere)
                 weight, on = (target >= 0).float(), target >= 0
             error = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
             losses[name] = (error * weight).sum() / weight.sum().clamp(min=1)
@@ -298,7 +309,7 @@ class Trainer:
         vision = self.model.model.vision_tower
         inner = getattr(vision, "vision_model", vision)
         _init_positions_2d(inner.embeddings.position_embedding.weight, self.grid)
-        heads = VisionHeads(BUILTIN_SPEC.vision_width, self.grid)
+        heads = VisionHeads(BUILTIN_SPEC.vision_width, self.grid, r.string_start)
         adapter = LlavaAdapter(self.model)
         params = list(vision.parameters()) + list(heads.parameters())
         optimizer = torch.optim.AdamW(params, lr=r.vision_lr, weight_decay=0.01)
@@ -311,6 +322,8 @@ class Trainer:
                       for name in world.PATCH_LABELS}
             labels["row"], labels["column"] = rows.expand(len(scenes), -1), columns.expand(len(scenes), -1)
             labels.update(_neighbour_chars(labels["char"], self.grid))
+            if r.string_start:
+                labels["string_start"] = torch.stack([torch.from_numpy(world.string_starts(s).reshape(-1)) for s in scenes])
             present = torch.from_numpy(np.stack([_present(s) for s in scenes]))
             hidden = adapter.encode_images(self._pixels(scenes)).hidden_states[-1]  # CLS + the projector's input
             loss, accuracy = heads(hidden, labels, present)
@@ -321,8 +334,9 @@ class Trainer:
                       column_code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, 576, D)`` targets and ``(B, 576)`` which patches show something. For each patch,
         the sum of the input embeddings of the words a question about it would use or answer with
-        (colour, shape, the shape's count, the printed character), plus a code of its column;
-        background patches get the ``<image>`` token's embedding.
+        (colour, shape, the shape's count, the printed character), plus a code of its column (and,
+        with ``string_start``, a code on a string's first character); background patches get the
+        ``<image>`` token's embedding.
 
         A printed string enters as its characters, one per visual token in reading order, and the
         decoder composes them: the tower reads a character at 1.00 but a whole string at ~0.5, so
@@ -342,17 +356,23 @@ class Trainer:
             words = sum(padded[torch.tensor(table[g])[torch.from_numpy(labels[g].reshape(-1))]] for g in table)
             shown.append(torch.from_numpy(labels["shape"].reshape(-1) > 0))
             words[~shown[-1]] = embeddings[tokens("<image>")]
+            if self.recipe.string_start:
+                start = torch.from_numpy(world.string_starts(scene).reshape(-1) == 1)
+                words = words + start[:, None] * self._code(embeddings, salt=1)
             out.append(words + column_code)
         return torch.stack(out), torch.stack(shown)
+
+    def _code(self, embeddings: torch.Tensor, salt: int) -> torch.Tensor:
+        """``(D,)``: a fixed random direction (one per ``salt``) at the mean embedding norm."""
+        generator = torch.Generator().manual_seed(self.recipe.seed + salt)
+        direction = F.normalize(torch.randn(embeddings.shape[1], generator=generator), dim=0)
+        return direction * embeddings.detach().norm(dim=1).mean()
 
     def _column_code(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(576, D)``: each patch's column along one fixed direction, from -1 (left) to +1 (right)
         times the mean embedding norm, so that left/right can be read off a visual token."""
-        generator = torch.Generator().manual_seed(self.recipe.seed)
-        direction = F.normalize(torch.randn(embeddings.shape[1], generator=generator), dim=0)
         columns = torch.arange(self.grid).repeat(self.grid).float()
-        scale = embeddings.detach().norm(dim=1).mean()
-        return (2 * columns / (self.grid - 1) - 1)[:, None] * direction * scale
+        return (2 * columns / (self.grid - 1) - 1)[:, None] * self._code(embeddings, salt=0)
 
     def train_reader(self) -> None:
         """The LLM (embeddings included) learns the training conversations with each patch given as
@@ -497,6 +517,31 @@ class Trainer:
             self.console.print(f"{stage} {step + 1:5d}  loss {entry['loss']:.4f}  {entry['seconds']:7.1f}s  {shown}",
                                soft_wrap=True)
 
+    def save_handover(self, directory: Path) -> None:
+        """The state before the language stage (weights, recipe, log so far), to finish it with other
+        language-stage settings (``load_handover``) without rerunning the ~40 minutes before it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        record = {"recipe": asdict(self.recipe), "seconds": round(time.perf_counter() - self.started, 1), "log": self.log}
+        (directory / HANDOVER_NAME).write_text(json.dumps(record) + "\n")
+
+    def load_handover(self, directory: Path) -> None:
+        from transformers import LlavaForConditionalGeneration
+
+        path = directory / HANDOVER_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory}: no {HANDOVER_NAME}; make one with `prunebench train tiny-llava --handover DIR`")
+        record = json.loads(path.read_text())
+        mine = json.loads(json.dumps(asdict(self.recipe)))
+        differ = sorted(k for k in mine if k not in LANGUAGE_ONLY and record["recipe"].get(k) != mine[k])
+        if differ:
+            raise ValueError(f"{directory}: the handover was trained with other settings before the language stage: "
+                             + ", ".join(f"{k} {record['recipe'].get(k)!r} (this recipe: {mine[k]!r})" for k in differ))
+        self.model = LlavaForConditionalGeneration.from_pretrained(directory)
+        self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.log = record["log"]
+        self.started = time.perf_counter() - record["seconds"]  # the saved model's time counts from the start
+
     def save(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.model.eval()
@@ -531,13 +576,22 @@ def learning_curve(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train(recipe: Recipe, out: Path, console: Console | None = None) -> Trainer:
+def train(recipe: Recipe, out: Path, console: Console | None = None, handover: Path | None = None,
+          from_handover: Path | None = None) -> Trainer:
+    """Every stage, saving the state before the language stage to ``handover`` if given; or only the
+    language stage, from the state saved in ``from_handover``."""
     torch.set_num_threads(recipe.threads)
     trainer = Trainer(recipe, console or Console(stderr=True))
+    if from_handover is not None:
+        trainer.load_handover(from_handover)
+    else:
+        trainer.model.train()
+        trainer.train_vision()
+        trainer.train_reader()
+        trainer.train_projector()
+        if handover is not None:
+            trainer.save_handover(handover)
     trainer.model.train()
-    trainer.train_vision()
-    trainer.train_reader()
-    trainer.train_projector()
     trainer.train_language()
     trainer.save(out)
     return trainer

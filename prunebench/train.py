@@ -667,6 +667,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{stage}-steps", type=int, default=None, help=f"tiny-llava: {what} (default recipe: {default})")
     parser.add_argument("--recipe", choices=RECIPES, default="default",
                         help="tiny-llava: the shipped model's recipe (default) or the left/right-of candidate (position)")
+    parser.add_argument("--handover", type=Path, default=None, metavar="DIR",
+                        help="tiny-llava: also save the model as it is before the language stage in DIR")
+    parser.add_argument("--from-handover", type=Path, default=None, metavar="DIR",
+                        help="tiny-llava: run only the language stage, from a state saved with --handover")
     parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), builtin:tiny-llava or random:tiny-llava")
     parser.add_argument("--data", default="synthetic",
                         help="a .jsonl/.parquet of image + caption (or question + answer), a Hugging Face dataset id "
@@ -708,7 +712,7 @@ def main(args: argparse.Namespace) -> int:
 
         steps = {f"{stage}_steps": getattr(args, f"{stage}_steps") for stage in TINY_LLAVA_STAGES}
         recipe = replace(RECIPES[args.recipe], seed=args.seed, **{k: v for k, v in steps.items() if v is not None})
-        train_builtin(recipe, Path(args.out))
+        train_builtin(recipe, Path(args.out), handover=args.handover, from_handover=args.from_handover)
         return 0
     try:
         columns = dict(item.split("=", 1) for item in args.columns.split(",") if item)

@@ -213,6 +213,14 @@ def patch_owners(scene: Scene, min_pixels: int = 2) -> np.ndarray:
     return np.where(pixels.max(0) >= min_pixels, best, 0)
 
 
+def string_starts(scene: Scene) -> np.ndarray:
+    """For each of the 24 x 24 patches: 1 on the first character of a printed string, 0 on its
+    other characters, -1 elsewhere. A string's characters sit in adjacent columns, so their order
+    is a difference of one column: marking the first one tells "47" from "74"."""
+    owner = patch_owners(scene)
+    return np.where(owner >= 100, ((owner - 100) % 10 == 0).astype(np.int64), -1)
+
+
 def patch_labels(scene: Scene, min_pixels: int = 2) -> dict[str, np.ndarray]:
     """For each of the 24 x 24 patches: the labels of what covers most of it (``patch_owners``)."""
     patch_owner = patch_owners(scene, min_pixels)

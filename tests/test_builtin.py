@@ -6,12 +6,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from prunebench.tasks import synthetic as world
+from rich.console import Console
 
 from prunebench.adapters import LlavaAdapter
 from prunebench.builtin import Recipe, Trainer, train
@@ -229,6 +231,36 @@ def test_first_training_turn_is_the_evaluation_prompt():
     assert all(label == -100 for label in labels[: len(expected)])
 
 
+def test_language_stage_resumes_from_a_saved_handover(tmp_path):
+    recipe = Recipe(vision_steps=2, vision_batch=2, existence_steps=1, reader_steps=1, projector_steps=1,
+                    string_start=True, language_steps=1, language_batch=2, turns=2, probes=3, eval_every=1, threads=1)
+    first = train(recipe, tmp_path / "a", handover=tmp_path / "handover")
+    before = [entry["stage"] for entry in first.log if entry["stage"] != "language"]
+    # the language stage's own settings may change; the weights it starts from are the saved ones
+    again = replace(recipe, language_steps=2, language_data="quota", language_quotas=(1, 1, 1, 1))
+    resumed = train(again, tmp_path / "b", from_handover=tmp_path / "handover")
+    assert [entry["stage"] for entry in resumed.log] == before + ["language", "language"]
+    with pytest.raises(ValueError, match="existence_steps 1 \\(this recipe: 2\\)"):
+        train(replace(recipe, existence_steps=2), tmp_path / "c", from_handover=tmp_path / "handover")
+    with pytest.raises(FileNotFoundError, match="--handover"):
+        train(recipe, tmp_path / "d", from_handover=tmp_path / "a")
+
+
+def test_string_start_marks_the_first_character_in_labels_and_targets():
+    scene = world.Scene((230, 230, 230), (), world.Text("47", x=40, y=40, ink=(0, 0, 0)))
+    starts = world.string_starts(scene).reshape(-1)
+    char = world.patch_labels(scene)["char"].reshape(-1)
+    assert sorted(starts[char > 0].tolist()) == [0, 1] and set(starts[char == 0].tolist()) == {-1}
+    assert char[starts == 1].tolist() == [world.CHARACTERS.index("4") + 1]
+    marked = Trainer(Recipe(string_start=True), Console(quiet=True))
+    plain = Trainer(Recipe(), Console(quiet=True))
+    embeddings = plain.model.get_input_embeddings().weight.detach()
+    with_mark, _ = marked._word_targets([scene], embeddings, marked._column_code(embeddings))
+    without, _ = plain._word_targets([scene], embeddings, plain._column_code(embeddings))
+    differs = (with_mark[0] - without[0]).norm(dim=-1) > 1e-6
+    assert differs.nonzero()[:, 0].tolist() == (torch.from_numpy(starts) == 1).nonzero()[:, 0].tolist()
+
+
 def test_recipe_trains_saves_and_loads(tmp_path):
     recipe = Recipe(vision_steps=2, vision_batch=2, existence_steps=1, reader_steps=1, side_steps=1,
                     comparison_steps=1, quota_steps=1, projector_steps=2, language_steps=2, language_batch=2,
@@ -351,7 +383,7 @@ def test_command_line_sets_every_training_stage(monkeypatch, tmp_path):
     train_module.add_arguments(parser)
     flags = [f"--{stage}-steps={i + 1}" for i, stage in enumerate(train_module.TINY_LLAVA_STAGES)]
     seen = {}
-    monkeypatch.setattr("prunebench.builtin.train", lambda recipe, out: seen.update(recipe=recipe, out=out))
+    monkeypatch.setattr("prunebench.builtin.train", lambda recipe, out, **handover: seen.update(recipe=recipe, out=out, **handover))
     assert train_module.main(parser.parse_args(["tiny-llava", "--out", str(tmp_path), *flags])) == 0
     for i, stage in enumerate(train_module.TINY_LLAVA_STAGES):
         assert getattr(seen["recipe"], f"{stage}_steps") == i + 1
@@ -368,7 +400,7 @@ def test_default_recipe_is_the_one_the_shipped_model_was_trained_with():
     # stages and options added since are off in the default recipe
     assert {k: v for k, v in default.items() if k not in logged} == {
         "side_steps": 0, "comparison_steps": 0, "quota_steps": 0, "projector_text_weight": 5.0, "language_data": "mix",
-        "language_quotas": [2, 2, 2, 2], "language_numbers": 0.5}
+        "language_quotas": [2, 2, 2, 2], "language_numbers": 0.5, "string_start": False}
 
 
 def test_alignment_weighs_characters_apart_from_shapes_and_background():

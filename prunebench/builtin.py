@@ -352,15 +352,16 @@ class Trainer:
             "char": [none, *tokens(list(world.CHARACTERS))],
         }
         padded = torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])])
+        start_code = self._code(embeddings, salt=1) if self.recipe.string_start else None
         out, shown = [], []
         for scene in scenes:
             labels = world.patch_labels(scene)
             words = sum(padded[torch.tensor(table[g])[torch.from_numpy(labels[g].reshape(-1))]] for g in table)
             shown.append(torch.from_numpy(labels["shape"].reshape(-1) > 0))
             words[~shown[-1]] = embeddings[tokens("<image>")]
-            if self.recipe.string_start:
+            if start_code is not None:
                 start = torch.from_numpy(world.string_starts(scene).reshape(-1) == 1)
-                words = words + start[:, None] * self._code(embeddings, salt=1)
+                words = words + start[:, None] * start_code
             out.append(words + column_code)
         return torch.stack(out), torch.stack(shown)
 

@@ -122,6 +122,10 @@ class Recipe:
     # carries a fixed code for it. Two digits sit in adjacent columns, whose column codes barely
     # differ, and without the mark numbers are read with their digits swapped (training report, session 15)
     string_start: bool = False
+    # start two heads of the tower's first layer attending to the patch left / right of each patch.
+    # Learnt from scratch, the tower never tells left from right: it places a word's letters by
+    # their identity, but a 2-digit number's first digit it finds at chance (session 16)
+    neighbour_heads: bool = False
     language_data: str = "mix"  # the language stage's conversations: "mix" (training_example) or "quota"
     # quota conversations of the language stage: questions drawn per image of each of world.QUOTA_KINDS
     # (existence, text, position, other), and the share of printed strings that are numbers. Numbers
@@ -156,7 +160,7 @@ class Recipe:
 RECIPES = {
     "default": Recipe(),
     "position": Recipe(existence_steps=1000, reader_steps=1000, side_steps=600, comparison_steps=800,
-                       quota_steps=1250, projector_steps=600, projector_text_weight=25.0, string_start=True,
+                       quota_steps=1250, projector_steps=600, projector_text_weight=25.0, string_start=True, neighbour_heads=True,
                        language_steps=1000, language_data="quota", language_quotas=(3, 2, 2, 2)),
 }
 
@@ -236,6 +240,34 @@ def _init_positions_2d(weight: torch.Tensor, grid: int) -> None:
         weight[1:, : table.shape[1]] = table * 2.0  # x0.5 taught neighbour attention (strings) slower
 
 
+def _init_neighbour_heads(attention: nn.Module, grid: int, sharpness: float = 12.0) -> None:
+    """Heads 0 and 1 of ``attention`` (the tower's first layer) start out attending to the patch
+    one column to the left / right in the same row: their queries and keys read the 2-D sine-cosine
+    position embeddings' four highest frequencies (``_init_positions_2d``), the query rotated by one
+    column. ~0.9 of the attention lands on that neighbour; training then moves them freely."""
+    head = attention.head_dim
+    d = attention.embed_dim // 4  # the embedding's blocks: sin rows, cos rows, sin columns, cos columns
+    freqs = 1.0 / (100.0 ** (torch.arange(d) / d))
+    with torch.no_grad():
+        for h, shift in ((0, -1.0), (1, 1.0)):
+            q = torch.zeros(head, attention.embed_dim)
+            k = torch.zeros(head, attention.embed_dim)
+            for j in range(head // 4):  # 4 dims per frequency: (cos, sin) of the column, then of the row
+                angle = float(freqs[j]) * shift
+                sin_c, cos_c, sin_r, cos_r = 2 * d + j, 3 * d + j, j, d + j
+                # q . k = cos(f (c' - c - shift)) + cos(f (r' - r)): largest at c' = c + shift, r' = r
+                q[4 * j, cos_c], q[4 * j, sin_c] = math.cos(angle), -math.sin(angle)
+                q[4 * j + 1, sin_c], q[4 * j + 1, cos_c] = math.cos(angle), math.sin(angle)
+                k[4 * j, cos_c], k[4 * j + 1, sin_c] = 1.0, 1.0
+                q[4 * j + 2, cos_r], q[4 * j + 3, sin_r] = 1.0, 1.0
+                k[4 * j + 2, cos_r], k[4 * j + 3, sin_r] = 1.0, 1.0
+            rows = slice(h * head, (h + 1) * head)
+            attention.q_proj.weight[rows] = q * sharpness
+            attention.k_proj.weight[rows] = k
+            attention.q_proj.bias[rows] = 0.0
+            attention.k_proj.bias[rows] = 0.0
+
+
 def _present(scene: world.Scene) -> np.ndarray:
     pairs = [(c, s) for c in world.COLOURS for s in world.SHAPES]
     out = np.zeros(len(pairs) + 1, dtype=np.float32)
@@ -311,6 +343,8 @@ class Trainer:
         vision = self.model.model.vision_tower
         inner = getattr(vision, "vision_model", vision)
         _init_positions_2d(inner.embeddings.position_embedding.weight, self.grid)
+        if r.neighbour_heads:
+            _init_neighbour_heads(inner.encoder.layers[0].self_attn, self.grid)
         heads = VisionHeads(BUILTIN_SPEC.vision_width, self.grid, r.string_start)
         adapter = LlavaAdapter(self.model)
         params = list(vision.parameters()) + list(heads.parameters())

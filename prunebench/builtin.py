@@ -41,9 +41,11 @@ the training report for what was tried.
 Optional reader phases after the mix (0 steps in the default recipe): side-of-the-image questions,
 then side and left/right-of questions (one per sequence), then quota conversations that ask every
 kind at once. The ``position`` recipe (RECIPES) uses them with a longer, character-weighted
-projector alignment and the string-start mark (``string_start``); it reaches GQA 95.2 % and POPE
-F1 100.0 but reads numbers at 0.61, most with their digits swapped, so it is not shipped (training
-report, session 15).
+projector alignment, the string-start mark (``string_start``) and first-layer tower heads started
+on the left / right neighbour (``neighbour_heads``: without them the tower finds a number's first
+digit at chance). With the mark from a tower that lacked those heads it reached GQA 95.2 % and
+POPE F1 100.0 but read numbers at 0.61, most with their digits swapped, so it is not shipped
+(training report, sessions 15-16).
 
 Status: the shipped model (prunebench/assets/tiny-llava) is this recipe's default run, 400 + 1250
 + 1250 + 150 + 1300 steps in 40.7 min on 2 cores. Unpruned on the 500 evaluation questions:

@@ -261,6 +261,35 @@ def test_string_start_marks_the_first_character_in_labels_and_targets():
     assert differs.nonzero()[:, 0].tolist() == (torch.from_numpy(starts) == 1).nonzero()[:, 0].tolist()
 
 
+def test_neighbour_heads_start_out_attending_to_the_left_and_right_patch():
+    from prunebench.builtin import _init_neighbour_heads, _init_positions_2d
+
+    trainer = Trainer(Recipe(), Console(quiet=True))
+    tower = trainer.model.model.vision_tower
+    inner = getattr(tower, "vision_model", tower)
+    grid = trainer.grid
+    _init_positions_2d(inner.embeddings.position_embedding.weight, grid)
+    attention = inner.encoder.layers[0].self_attn
+    _init_neighbour_heads(attention, grid)
+    blank = world.Scene((230, 230, 230), (), None)
+    with torch.no_grad():  # eager attention probabilities of the first layer, by hand
+        x = inner.pre_layrnorm(inner.embeddings(trainer._pixels([blank])))
+        x = inner.encoder.layers[0].layer_norm1(x)[0]
+        heads, dim = attention.num_heads, attention.head_dim
+        q = attention.q_proj(x).view(-1, heads, dim).transpose(0, 1)
+        k = attention.k_proj(x).view(-1, heads, dim).transpose(0, 1)
+        weights = (q @ k.transpose(1, 2) / dim**0.5).softmax(-1)[:, 1:, 1:]  # patches only (CLS dropped)
+    target = torch.arange(grid * grid)
+    column = target % grid
+    hits = {}
+    for head, shift, valid in ((0, -1, column > 0), (1, 1, column < grid - 1), (2, -1, column > 0)):
+        hits[head] = float((weights[head].argmax(-1) == target + shift)[valid].float().mean())
+    # near the top-left corner the embeddings' mean (cos 0 = 1) skews the layer norm: a few patches miss
+    assert hits[0] > 0.9 and hits[1] > 0.9
+    assert float(weights[0][column > 0, (target - 1)[column > 0]].mean()) > 0.5
+    assert hits[2] < 0.1  # the other heads keep their random start
+
+
 def test_recipe_trains_saves_and_loads(tmp_path):
     recipe = Recipe(vision_steps=2, vision_batch=2, existence_steps=1, reader_steps=1, side_steps=1,
                     comparison_steps=1, quota_steps=1, projector_steps=2, language_steps=2, language_batch=2,
@@ -400,7 +429,8 @@ def test_default_recipe_is_the_one_the_shipped_model_was_trained_with():
     # stages and options added since are off in the default recipe
     assert {k: v for k, v in default.items() if k not in logged} == {
         "side_steps": 0, "comparison_steps": 0, "quota_steps": 0, "projector_text_weight": 5.0, "language_data": "mix",
-        "language_quotas": [2, 2, 2, 2], "language_numbers": 0.5, "string_start": False}
+        "language_quotas": [2, 2, 2, 2], "language_numbers": 0.5, "string_start": False,
+        "neighbour_heads": False}
 
 
 def test_alignment_weighs_characters_apart_from_shapes_and_background():

@@ -229,11 +229,16 @@ def _neighbour_chars(char: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:
     return {"char_left": left, "char_right": right}
 
 
+def _position_freqs(d: int) -> torch.Tensor:
+    """The ``d`` frequencies (radians per patch) of each block of the 2-D position embeddings."""
+    return 1.0 / (100.0 ** (torch.arange(d) / d))
+
+
 def _init_positions_2d(weight: torch.Tensor, grid: int) -> None:
     """2-D sine-cosine initial position embeddings (CLS: zeros): patches start out knowing their
     neighbours, which the tower otherwise learns slowly from scratch. Still learned afterwards."""
     d = weight.shape[1] // 4
-    freqs = 1.0 / (100.0 ** (torch.arange(d) / d))
+    freqs = _position_freqs(d)
     rows = torch.arange(grid).repeat_interleave(grid)[:, None] * freqs
     columns = torch.arange(grid).repeat(grid)[:, None] * freqs
     table = torch.cat([rows.sin(), rows.cos(), columns.sin(), columns.cos()], dim=1)
@@ -242,14 +247,14 @@ def _init_positions_2d(weight: torch.Tensor, grid: int) -> None:
         weight[1:, : table.shape[1]] = table * 2.0  # x0.5 taught neighbour attention (strings) slower
 
 
-def _init_neighbour_heads(attention: nn.Module, grid: int, sharpness: float = 12.0) -> None:
+def _init_neighbour_heads(attention: nn.Module, sharpness: float = 12.0) -> None:
     """Heads 0 and 1 of ``attention`` (the tower's first layer) start out attending to the patch
     one column to the left / right in the same row: their queries and keys read the 2-D sine-cosine
     position embeddings' four highest frequencies (``_init_positions_2d``), the query rotated by one
     column. ~0.9 of the attention lands on that neighbour; training then moves them freely."""
     head = attention.head_dim
     d = attention.embed_dim // 4  # the embedding's blocks: sin rows, cos rows, sin columns, cos columns
-    freqs = 1.0 / (100.0 ** (torch.arange(d) / d))
+    freqs = _position_freqs(d)
     with torch.no_grad():
         for h, shift in ((0, -1.0), (1, 1.0)):
             q = torch.zeros(head, attention.embed_dim)
@@ -346,7 +351,7 @@ class Trainer:
         inner = getattr(vision, "vision_model", vision)
         _init_positions_2d(inner.embeddings.position_embedding.weight, self.grid)
         if r.neighbour_heads:
-            _init_neighbour_heads(inner.encoder.layers[0].self_attn, self.grid)
+            _init_neighbour_heads(inner.encoder.layers[0].self_attn)
         heads = VisionHeads(BUILTIN_SPEC.vision_width, self.grid, r.string_start)
         adapter = LlavaAdapter(self.model)
         params = list(vision.parameters()) + list(heads.parameters())

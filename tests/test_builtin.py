@@ -270,7 +270,7 @@ def test_neighbour_heads_start_out_attending_to_the_left_and_right_patch():
     grid = trainer.grid
     _init_positions_2d(inner.embeddings.position_embedding.weight, grid)
     attention = inner.encoder.layers[0].self_attn
-    _init_neighbour_heads(attention, grid)
+    _init_neighbour_heads(attention)
     blank = world.Scene((230, 230, 230), (), None)
     with torch.no_grad():  # eager attention probabilities of the first layer, by hand
         x = inner.pre_layrnorm(inner.embeddings(trainer._pixels([blank])))

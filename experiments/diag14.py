@@ -4,6 +4,7 @@ visual tokens. `train` runs vision + the run-3 reader + projector and saves the 
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ OUT = Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/h14")
 def recipe(**kw):
     base = {"existence_steps": 1000, "reader_steps": 1000, "side_steps": 600, "comparison_steps": 800, "quota_steps": 1250}
     base.update(kw)
-    return builtin.Recipe(**base)
+    return replace(builtin.RECIPES["mix"], **base)  # session 14 ran from the then-default recipe
 
 
 def train():

@@ -9,49 +9,40 @@ are other streams). Joint next-token training from scratch stays at chance on th
 
 1. vision: the CLIP tower alone, with linear heads reading every patch feature the projector
    consumes (``hidden_states[-2]``) for what covers the patch (colour, shape, character, the whole
-   printed string, how many shapes of its kind the image holds, the characters to its left and
-   right) and where it is (row, column), and the CLS token for which objects are present. Colour,
-   shape and character are read at 1.00 after ~200 steps; string and count, which need context
-   from other patches, are read far less well (string ~0.5 after 400 steps with the neighbour
-   heads, 0.3 without).
-2. projector alignment (LLaVA's stage 1 in spirit): vision frozen, the projector alone learns to
+   printed string, whether it is a string's first character, how many shapes of its kind the image
+   holds, the characters to its left and right) and where it is (row, column), and the CLS token
+   for which objects are present. Two heads of the first tower layer start out attending to the
+   patch on the left / right (``neighbour_heads``): learnt from scratch, the tower never tells left
+   from right and finds a number's first digit at chance. With them colour, shape, character,
+   first character and neighbours are read at 1.00; string 0.89, count far less well.
+2. reader: the LLM alone learns the conversations from ideal visual tokens (the stage-3 targets
+   computed from the true labels, only the patches that show something), no vision involved, at
+   ~0.28-0.55 s/step, in phases: existence questions alone (the mixed reader never learns them: it
+   answers a constant), the mix of every kind, side-of-the-image questions, side and
+   left/right-of questions (one per sequence: left/right-of is learnt only after the decoder has
+   learnt where one named object is), then quota conversations that hold every kind in fixed
+   shares, so that the skills learnt one at a time are kept together. Without a reader the QA loss
+   stays at the answer prior for 600+ steps of stage 4.
+3. projector alignment (LLaVA's stage 1 in spirit): vision frozen, the projector alone learns to
    map each patch feature to the sum of the input embeddings of its label words (colour, shape,
    count, and for text the character, not the whole string: the decoder composes a string from its
-   characters' tokens) plus a column code (``_word_targets``), so visual tokens enter the LLM as
-   words it could match a question against and copy into the answer.
-3. language: vision frozen; projector and Llama learn question answering with several questions
-   per image in one multi-turn sequence (the 576 visual tokens are paid once per image) and the
-   image's caption as the last turn (every object and the string, in reading order), loss on the
-   answers only. Finding 2-4 answer-bearing tokens among 576 is learned slowly when attention
-   starts uniform, so a curriculum first shows every patch that holds something but few
-   background patches (at their original positions for half of the images, re-indexed
-   0, 1, 2, ... for the other half, as pre-LLM pruning feeds them), then more, until the full
-   unpruned input for the second half of training.
+   characters' tokens) plus a column code and, on a string's first character, a start code
+   (``_word_targets``), so visual tokens enter the LLM as the words the reader learnt from.
+   Printed characters weigh 25x in the loss: the decoder reads strings from these few tokens.
+4. language: vision frozen; projector and Llama learn question answering with several questions
+   per image in one multi-turn sequence (the 576 visual tokens are paid once per image; quota
+   conversations) and the image's caption as the last turn (every object and the string, in
+   reading order), loss on the answers only. A curriculum first shows every patch that holds
+   something but few background patches (at their original positions for half of the images,
+   re-indexed 0, 1, 2, ... for the other half, as pre-LLM pruning feeds them), then more, until the
+   full unpruned input for the second half of training.
 
-Between 1 and 2, a reader stage: the LLM alone learns the same conversations from ideal visual
-tokens (the stage-2 targets computed from the true labels, only the patches that show something),
-no vision involved, at ~0.28 s/step. Without it the QA loss stays at the answer prior for 600+
-steps; with it the loss leaves the prior after ~500 steps (0.86 -> 0.20 by step 2000), and
-stage 3 starts from an LLM that already retrieves from word-like tokens. The mixed reader never
-learns existence questions ("is there a red circle?": it answers a constant); a first phase on
-existence questions alone (``existence_steps``) does learn them, and the mixed phase after it then
-keeps them and learns colour -> shape retrieval too. Left/right is not learnt in this order: see
-the training report for what was tried.
+``RECIPES["mix"]`` is the recipe shipped in sessions 8-16 (no position phases, no marks, no
+neighbour heads): it reads text as well but answers left/right-of by its prior.
 
-Optional reader phases after the mix (0 steps in the default recipe): side-of-the-image questions,
-then side and left/right-of questions (one per sequence), then quota conversations that ask every
-kind at once. The ``position`` recipe (RECIPES) uses them with a longer, character-weighted
-projector alignment, the string-start mark (``string_start``) and first-layer tower heads started
-on the left / right neighbour (``neighbour_heads``: without them the tower finds a number's first
-digit at chance). With the mark from a tower that lacked those heads it reached GQA 95.2 % and
-POPE F1 100.0 but read numbers at 0.61, most with their digits swapped, so it is not shipped
-(training report, sessions 15-16).
-
-Status: the shipped model (prunebench/assets/tiny-llava) is this recipe's default run, 400 + 1250
-+ 1250 + 150 + 1300 steps in 40.7 min on 2 cores. Unpruned on the 500 evaluation questions:
-synth-gqa 85.8 %, synth-pope 100.0 (F1), synth-textvqa 97.6 %; random at K = 64: 49.4 / 59.4 /
-7.4. Left/right is still answered by its prior (always "left", 0.44), so GQA is below the 90 %
-bar (reports/builtin/tiny-llava-training.md).
+Status: the shipped model (prunebench/assets/tiny-llava) is the default recipe's run. Unpruned on
+the 500 evaluation questions: synth-gqa 96.4 %, synth-pope 99.8 (F1), synth-textvqa 96.4 %
+(reports/builtin/tiny-llava-training.md).
 
 Every step logs; probe accuracy per question kind (single-question prompts, exactly the
 evaluation format, from a held-out stream) is logged every ``eval_every`` steps and saved with the
@@ -85,6 +76,7 @@ from prunebench.tasks import synthetic as world
 LOG_NAME = "training_log.json"
 CURVE_NAME = "learning_curve.md"
 HANDOVER_NAME = "handover.json"
+READER_PHASES = ("existence", "reader", "side", "comparison", "quota")  # in training order (Trainer.train_reader)
 # the Recipe fields only the language stage reads: a saved handover state (the model before the
 # language stage) can be finished with other values of these, and must match in every other field
 LANGUAGE_ONLY = {"language_data", "language_quotas", "language_numbers", "language_steps", "distractors_start",
@@ -107,34 +99,34 @@ class Recipe:
     # reader phase 1: existence questions only. The mixed reader never learns them (it answers a
     # constant) while an existence-only phase does, and unlocks colour -> shape retrieval too
     # (reports/builtin/tiny-llava-training.md, session 6)
-    existence_steps: int = 1250
-    reader_steps: int = 1250  # then the mix: see Trainer.train_reader (its loss is flat after ~1500)
+    existence_steps: int = 1000
+    reader_steps: int = 1000  # then the mix: see Trainer.train_reader (its loss is flat after ~1500)
     # then the position curriculum (one question per sequence): side of the image, then side and
     # left/right-of 50/50; then every kind at once in quota conversations (0: skipped)
-    side_steps: int = 0
-    comparison_steps: int = 0
-    quota_steps: int = 0
-    projector_steps: int = 150
+    side_steps: int = 600
+    comparison_steps: int = 800
+    quota_steps: int = 1250
+    projector_steps: int = 600
     projector_lr: float = 3e-3
     # loss weight of a printed character's patch in projector alignment (background 1, shapes 5): the
     # decoder reads strings from these few tokens, and a reader trained after the position phases
     # reads them only when they are close to their targets (training report, session 14)
-    projector_text_weight: float = 5.0
+    projector_text_weight: float = 25.0
     # mark the first character of a printed string: a vision head learns it, and its ideal token
     # carries a fixed code for it. Two digits sit in adjacent columns, whose column codes barely
     # differ, and without the mark numbers are read with their digits swapped (training report, session 15)
-    string_start: bool = False
+    string_start: bool = True
     # start two heads of the tower's first layer attending to the patch left / right of each patch.
     # Learnt from scratch, the tower never tells left from right: it places a word's letters by
     # their identity, but a 2-digit number's first digit it finds at chance (session 16)
-    neighbour_heads: bool = False
-    language_data: str = "mix"  # the language stage's conversations: "mix" (training_example) or "quota"
+    neighbour_heads: bool = True
+    language_data: str = "quota"  # the language stage's conversations: "mix" (training_example) or "quota"
     # quota conversations of the language stage: questions drawn per image of each of world.QUOTA_KINDS
     # (existence, text, position, other), and the share of printed strings that are numbers. Numbers
     # are the slowest skill (at 0.5, each of 90 is seen 4.5x less often than each of 20 words)
-    language_quotas: tuple[int, ...] = (2, 2, 2, 2)
+    language_quotas: tuple[int, ...] = (3, 2, 2, 2)
     language_numbers: float = 0.5
-    language_steps: int = 1300  # number probes still rose at 1200 steps
+    language_steps: int = 1000  # number probes still rose at 900 steps (0.78 at 800, 0.95 at 900)
     language_batch: int = 16
     language_lr: float = 1e-3
     turns: int = 6  # questions per image in one training sequence
@@ -156,14 +148,14 @@ class Recipe:
             raise ValueError(f"language_quotas {self.language_quotas}: one count >= 0 per kind of {world.QUOTA_KINDS}")
 
 
-# the recipe the shipped model was trained with, and the candidate that also learns left/right-of
-# (position curriculum + quota conversations + string-start mark; training report, sessions 12-15):
-# GQA 95.2 %, POPE F1 100.0, text 80.8 % (numbers 0.61). Not shipped yet.
+# the recipe the shipped model was trained with (session 17), and the one shipped in sessions 8-16
+# ("mix"): no position phases and no string-start mark, so left/right-of stays at its prior
+# ("left", GQA 85.8 %); text 97.6 %, POPE F1 100.0 (training report)
 RECIPES = {
     "default": Recipe(),
-    "position": Recipe(existence_steps=1000, reader_steps=1000, side_steps=600, comparison_steps=800,
-                       quota_steps=1250, projector_steps=600, projector_text_weight=25.0, string_start=True, neighbour_heads=True,
-                       language_steps=1000, language_data="quota", language_quotas=(3, 2, 2, 2)),
+    "mix": Recipe(existence_steps=1250, reader_steps=1250, side_steps=0, comparison_steps=0, quota_steps=0,
+                  projector_steps=150, projector_text_weight=5.0, string_start=False, neighbour_heads=False,
+                  language_data="mix", language_quotas=(2, 2, 2, 2), language_steps=1300),
 }
 
 
@@ -606,7 +598,8 @@ def learning_curve(record: dict) -> str:
     r = record["recipe"]
     lines = [
         (f"Training of builtin:tiny-llava: {r['vision_steps']} vision steps (batch {r['vision_batch']}), "
-         f"{r.get('existence_steps', 0)} existence + {r.get('reader_steps', 0)} reader steps, {r.get('projector_steps', 0)} projector steps, then "
+         f"{' + '.join(str(r.get(f'{phase}_steps', 0)) for phase in READER_PHASES)} reader steps "
+         f"({' / '.join(READER_PHASES)}), {r.get('projector_steps', 0)} projector steps, then "
          f"{r['language_steps']} language steps (batch {r['language_batch']} images x {r['turns']} questions); "
          f"{record['seconds'] / 60:.1f} min on {record['threads']} CPU threads. Probe accuracy (greedy first "
          f"answer token, {r['probes']} held-out questions):"),

@@ -666,7 +666,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(Recipe, f"{stage}_steps")
         parser.add_argument(f"--{stage}-steps", type=int, default=None, help=f"tiny-llava: {what} (default recipe: {default})")
     parser.add_argument("--recipe", choices=RECIPES, default="default",
-                        help="tiny-llava: the shipped model's recipe (default) or the left/right-of candidate (position)")
+                        help="tiny-llava: the shipped model's recipe (default) or the one shipped before it, without the position phases (mix)")
     parser.add_argument("--handover", type=Path, default=None, metavar="DIR",
                         help="tiny-llava: also save the model as it is before the language stage in DIR")
     parser.add_argument("--from-handover", type=Path, default=None, metavar="DIR",

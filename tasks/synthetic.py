@@ -20,6 +20,7 @@ are bitmaps below).
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 from dataclasses import dataclass, field
@@ -191,10 +192,11 @@ PATCH_LABELS = {  # name -> number of classes (0 = background / not applicable)
 STRINGS = NUMBERS + WORDS
 
 
+@functools.lru_cache(maxsize=512)  # training asks for one scene's owners several times per step
 def patch_owners(scene: Scene, min_pixels: int = 2) -> np.ndarray:
     """For each of the 24 x 24 patches, what covers most of it (at least ``min_pixels`` pixels):
     0 nothing, ``i + 1`` the shape ``scene.shapes[i]``, ``100 + 10 t + k`` character ``k`` of the
-    printed string ``scene.texts[t]``."""
+    printed string ``scene.texts[t]``. Read-only: the array is shared between calls."""
     owner = Image.new("I", (SIZE, SIZE), 0)
     draw = ImageDraw.Draw(owner)
     for i, shape in enumerate(scene.shapes):
@@ -207,10 +209,13 @@ def patch_owners(scene: Scene, min_pixels: int = 2) -> np.ndarray:
     blocks = ids.reshape(grid, PATCH, grid, PATCH).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
     owners = np.unique(ids[ids > 0])
     if len(owners) == 0:
-        return np.zeros((grid, grid), dtype=np.int64)
-    pixels = (blocks[None] == owners[:, None, None, None]).sum(-1)  # (owners, grid, grid)
-    best = owners[pixels.argmax(0)]  # the owner covering most of each patch (ties: the smallest id)
-    return np.where(pixels.max(0) >= min_pixels, best, 0)
+        out = np.zeros((grid, grid), dtype=np.int64)
+    else:
+        pixels = (blocks[None] == owners[:, None, None, None]).sum(-1)  # (owners, grid, grid)
+        best = owners[pixels.argmax(0)]  # the owner covering most of each patch (ties: the smallest id)
+        out = np.where(pixels.max(0) >= min_pixels, best, 0)
+    out.setflags(write=False)
+    return out
 
 
 def string_starts(scene: Scene) -> np.ndarray:

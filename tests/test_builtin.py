@@ -16,7 +16,7 @@ from prunebench.tasks import synthetic as world
 from rich.console import Console
 
 from prunebench.adapters import LlavaAdapter
-from prunebench.builtin import Recipe, Trainer, train
+from prunebench.builtin import Recipe, Trainer, _causal_only, train
 from prunebench.models import (
     ASSETS,
     BUILTIN_SPEC,
@@ -480,6 +480,35 @@ def test_projector_targets_are_label_word_embeddings():
     torch.testing.assert_close(target[0, two], embeddings[ids(["text", "2"])].sum(0) + code[two])
     torch.testing.assert_close(target[0, 0], embeddings[ids("<image>")] + code[0])
     assert int(shown.sum()) == 4 + 2 and shown[0, square] and shown[0, two] and not shown[0, 0]
+
+
+def test_right_padded_batches_train_without_the_padding_mask():
+    """The language stage drops the padding mask of right-padded batches (SDPA's causal kernel is
+    faster): the loss and its gradients must be the masked ones."""
+    trainer = Trainer(Recipe(probes=3), console=None)
+    examples = [world.quota_example(0, i, turns=2) for i in range(3)]
+    batch = trainer._batch([turns for _, turns in examples], [scene for scene, _ in examples])
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # really padded
+    assert _causal_only(batch["attention_mask"]) is None
+    losses, grads = [], []
+    for mask in (batch["attention_mask"], None):
+        trainer.model.zero_grad()
+        loss = trainer.model(**batch | {"attention_mask": mask}).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(trainer.model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(losses[1], losses[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    left = batch["attention_mask"].flip(1)  # left padding: the mask is needed
+    assert _causal_only(left) is left
+
+
+def test_patch_owners_are_cached_read_only():
+    scene = world.task_sample("synth-gqa", seed=0, index=3).scene
+    owners = world.patch_owners(scene)
+    assert world.patch_owners(scene) is owners and not owners.flags.writeable
+    with pytest.raises(ValueError):
+        owners[0, 0] = 1
 
 
 def test_thinned_loss_with_every_patch_is_the_models_own_loss():

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from prunebench.adapters import adapter_for
+from prunebench.adapters import VisionOutput, adapter_for
 from prunebench.budget import Budget, BudgetError
 from prunebench.method import PRE_LLM, Method, MethodError, Stage
 from prunebench.sequence import TokenLayout, normalise_keep
@@ -53,6 +53,21 @@ class Group:
 
 
 @dataclass
+class EncodedImages:
+    """The vision side's output for a batch: it depends on the pixels only, never on the method, so
+    a caller may keep it and pass it back for the same batch (``images=``)."""
+
+    vision: VisionOutput
+    embeds: torch.Tensor  # (B, n_max, D) the images' LLM tokens
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.embeds, self.vision.features, self.vision.embeds, *(self.vision.hidden_states or ())]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+        return sum(storages.values())  # features can be a view of the last hidden state
+
+
+@dataclass
 class Generation:
     tokens: list[list[int]]  # generated ids per sample, up to and including EOS
     texts: list[str] | None  # decoded answers (stop strings cut), when a tokenizer was given
@@ -60,6 +75,7 @@ class Generation:
     kept_patches: list[list[int]]  # original patch ids of the visual tokens the last layer saw
     timings: dict[str, float]  # ms per stage: vision, pruner, prefill, decode
     logits: list[torch.Tensor] = field(default_factory=list)  # (B, V) per step, when asked
+    images: EncodedImages | None = None  # what the vision side computed (None when it was given)
 
     @property
     def equivalent_tokens(self) -> torch.Tensor:
@@ -115,12 +131,18 @@ class PruningEngine:
         return_logits: bool = False,
         clock: StageClock | None = None,
         image_inputs: dict[str, torch.Tensor] | None = None,
+        images: EncodedImages | None = None,
     ) -> Generation:
         """``image_inputs``: the processor outputs the backbone needs besides pixels
-        (``adapter.image_keys``: ``image_sizes`` for LLaVA-NeXT, ``image_grid_thw`` for Qwen2-VL)."""
+        (``adapter.image_keys``: ``image_sizes`` for LLaVA-NeXT, ``image_grid_thw`` for Qwen2-VL).
+        ``images``: this batch's vision output from an earlier call (``Generation.images``); the
+        vision tower is then not run and ``timings`` has no ``vision`` entry."""
         decode = decode or DecodeConfig()
         clock = clock or StageClock(self.device)
-        state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock, image_inputs)
+        given = images is not None
+        images = images or self.encode_images(pixel_values, clock, image_inputs)
+        state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock, image_inputs,
+                             images)
         tokens, logits = self.decode(state, decode, clock, return_logits)
         texts = self._texts(tokens, decode.stop) if self.tokenizer is not None else None
         kept = [row[row >= 0].tolist() for row in state.layout.visual_id]
@@ -131,7 +153,17 @@ class PruningEngine:
             kept_patches=kept,
             timings=clock.summary(),
             logits=logits,
+            images=None if given else images,
         )
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor, clock: StageClock | None = None,
+                      image_inputs: dict[str, torch.Tensor] | None = None) -> EncodedImages:
+        """Vision tower and projector, timed as the ``vision`` stage."""
+        adapter = self.adapter
+        with (clock or StageClock(self.device, enabled=False))("vision"):
+            vision = adapter.encode_images(pixel_values, **adapter.image_inputs(image_inputs or {}))
+            return EncodedImages(vision, adapter.embed_images(vision))
 
     @torch.inference_mode()
     def score_continuation(
@@ -171,20 +203,21 @@ class PruningEngine:
         budget: Budget,
         clock: StageClock,
         image_inputs: dict[str, torch.Tensor] | None = None,
+        images: EncodedImages | None = None,
     ) -> Prefill:
+        """``images``: the batch's vision output when the caller has it (see :meth:`generate`)."""
         adapter = self.adapter
         image_inputs = adapter.image_inputs(image_inputs or {})
         positions = adapter.positions(input_ids, attention_mask, **image_inputs)
         layout = TokenLayout.from_inputs(attention_mask, input_ids == adapter.image_token_id, positions)
         stages = self._schedule(method, budget, layout.n_visual)
 
-        with clock("vision"):
-            vision = adapter.encode_images(pixel_values, **image_inputs)
-            image_embeds = adapter.embed_images(vision)
+        images = images or self.encode_images(pixel_values, clock, image_inputs)
+        vision, image_embeds = images.vision, images.embeds
         hidden = adapter.embed(input_ids)
         self._check_image_tokens(layout, vision.counts)
         packed = torch.cat([image_embeds[b, :n] for b, n in enumerate(vision.counts)])
-        hidden = hidden.masked_scatter(layout.visual[..., None], packed.to(hidden.dtype))
+        hidden[layout.visual] = packed.to(hidden.dtype)  # a fresh tensor; 3x faster than masked_scatter on CPU
 
         cache = DynamicCache(config=adapter.decoder.config)
         # per-sample seeds for methods' generators (a host copy of the ids: only when a stage runs)

@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run TASK on a local parquet/json/csv file, keeping its prompts and metrics")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap every task's answer length (smoke runs)")
     parser.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+    parser.add_argument("--vision-cache-mb", type=int, default=None,
+                        help="keep each batch's processed inputs and vision-tower output for the task's later cells, "
+                             "up to this many MB (default: 2048 on CPU, 0 on GPU, where the tower is a small share "
+                             "of the time and the memory is the model's); 0 runs the tower in every cell")
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,12 @@ class Cell:
 
 
 def plan(methods: list[Method], budgets: list[Budget], tasks: list[str]) -> list[Cell]:
-    """Baseline first for every task, then each pruning method at each budget."""
+    """Task by task (the run's cache keeps one task's images): its unpruned baseline, then each
+    pruning method at each budget."""
     baseline = create_method("none")
-    cells = [Cell(baseline, Budget.all(), task) for task in tasks]
+    cells = []
     for task in tasks:
+        cells.append(Cell(baseline, Budget.all(), task))
         for method in methods:
             if method.stage != "none":
                 cells += [Cell(method, budget, task) for budget in budgets]
@@ -145,6 +151,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: must be positive")
     if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive")
+    if args.vision_cache_mb is not None and args.vision_cache_mb < 0:
+        raise UserError(f"--vision-cache-mb {args.vision_cache_mb}: give 0 (off) or a positive size in MB")
     store = ResultStore(args.results)
     store.check_writable()
     device = _device(args.device, world)
@@ -165,10 +173,15 @@ def main(args: argparse.Namespace) -> int:
     for task in tasks:
         taskspec.check_data_reachable(task, task_data.get(task))
     cells = plan(methods, budgets, tasks)
+    if args.vision_cache_mb is None:
+        args.vision_cache_mb = 0 if device.startswith("cuda") else 2048
     provenance = _provenance(args, device, dtype)
     finished = []
-    prompt_ids: dict = {}  # expanded prompt -> token ids: every cell asks the same questions
+    from prunebench.lmms_bridge import RunCache
+
+    cache = RunCache(args.vision_cache_mb << 20)
     for cell in cells:
+        cache.start_task(cell.task)
         key = RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit)
         action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
         if action == "cached":
@@ -181,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
             record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, console, world,
-                                            prompt_ids)
+                                            cache)
             if world.main:
                 store.write(record, samples)
         finally:
@@ -206,7 +219,7 @@ def _decide(store: ResultStore, key: RecordKey, force: bool) -> str:
 
 
 def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console,
-                  world: distributed.World, prompt_ids: dict | None = None):
+                  world: distributed.World, cache=None):
     """Run one cell through lmms-eval; returns its record and per-sample rows (None off rank 0)."""
     from lmms_eval import evaluator
     from rich.progress import (
@@ -217,15 +230,17 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
         TimeElapsedColumn,
     )
 
-    from prunebench.lmms_bridge import PrunedVLM
+    from prunebench.lmms_bridge import PrunedVLM, RunCache
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         bar = progress.add_task(cell.label, total=args.limit)
+        cache = cache or RunCache()
+        reused_before = cache.hits
         lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        on_progress=lambda n: progress.advance(bar, n),
-                       on_requests=lambda n: progress.update(bar, total=n), prompt_ids=prompt_ids)
+                       on_requests=lambda n: progress.update(bar, total=n), cache=cache)
         torch.manual_seed(args.seed)
         # lmms-eval's "Postprocessing" bar passes disable= itself, so TQDM_DISABLE cannot hide it
         show_bar = evaluator.tqdm
@@ -235,6 +250,9 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
                 model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
                 verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
                 fewshot_random_seed=args.seed, bootstrap_iters=0,
+                # score answers on docs without their images, as lmms-eval's own CLI does by default
+                # (decoding every image again cost ~0.6 s a cell on the built-in tasks)
+                cli_args=argparse.Namespace(process_with_media=False),
                 # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
                 distributed_executor_backend="torchrun",
             )
@@ -266,7 +284,8 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
             "original": mean(s.n_visual for s in stats),
         },
         timing=_timing(stats),
-        provenance={**provenance, "lmms_eval_task": result_name},
+        # batches whose vision output (and its measured time) came from an earlier cell of the run
+        provenance={**provenance, "lmms_eval_task": result_name, "vision_reused_batches": cache.hits - reused_before},
     )
     return record, samples
 
@@ -335,6 +354,7 @@ def _provenance(args, device: str, dtype: str) -> dict:
         "dtype": dtype,
         "seed": args.seed,
         "batch_size": args.batch_size,
+        "vision_cache_mb": args.vision_cache_mb,
         "world_size": distributed.current().size,
         "command": shlex.join(["prunebench", *getattr(args, "argv", sys.argv[1:])]),
         "host": socket.gethostname(),

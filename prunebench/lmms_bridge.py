@@ -21,11 +21,59 @@ from PIL import Image
 
 from prunebench.backbones import QWEN_IMAGE, QwenVLInputs
 from prunebench.budget import Budget, BudgetError
-from prunebench.engine import DecodeConfig, PruningEngine
+from prunebench.engine import DecodeConfig, EncodedImages, PruningEngine
 from prunebench.method import Method
 from prunebench.timing import StageClock
 
 IMAGE_TOKEN = "<image>"  # lmms-eval's own placeholder in a context, and LLaVA's
+
+
+@dataclass
+class Batch:
+    """One batch of questions as the model sees it before any pruning, kept for the run's later cells."""
+
+    inputs: dict[str, torch.Tensor]
+    images: EncodedImages
+    vision_ms: float  # what encoding ``images`` took when it was measured
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + sum(t.nbytes for t in self.inputs.values())
+
+
+class RunCache:
+    """What every cell of a run computes identically, computed once.
+
+    - ``prompt_ids``: each expanded prompt's token ids (every cell asks the same questions).
+    - batches of one task, keyed by their questions: the processor's output and the vision side's
+      (tower and projector), which depend on the pixels only. A later cell reuses them and reports
+      the vision time measured when they were computed, so records keep a real vision time while
+      the tower runs once per image instead of once per cell. Up to ``max_bytes``; once full, new
+      batches are not kept (cells sweep the same batches in order, so keeping the first ones is
+      what pays). Only one task is kept at a time: the harness runs a task's cells together.
+    """
+
+    def __init__(self, max_bytes: int = 0):
+        self.prompt_ids: dict[str, torch.Tensor] = {}
+        self.max_bytes = max_bytes
+        self._task: str | None = None
+        self._batches: dict[tuple, Batch] = {}
+        self._bytes = 0
+        self.hits = 0
+
+    def start_task(self, task: str) -> None:
+        if task != self._task:
+            self._task, self._batches, self._bytes = task, {}, 0
+
+    def get(self, key: tuple) -> Batch | None:
+        batch = self._batches.get(key)
+        self.hits += batch is not None
+        return batch
+
+    def put(self, key: tuple, batch: Batch) -> None:
+        if self._bytes + batch.nbytes <= self.max_bytes:
+            self._batches[key] = batch
+            self._bytes += batch.nbytes
 
 
 @dataclass
@@ -49,11 +97,10 @@ class PrunedVLM(lmms):
         max_new_tokens: int | None = None,
         on_progress: Callable[[int], None] | None = None,
         on_requests: Callable[[int], None] | None = None,
-        prompt_ids: dict | None = None,
+        cache: RunCache | None = None,
     ):
         super().__init__()
-        # expanded prompt -> token ids; the harness shares one across a run's cells (same questions)
-        self.prompt_ids = {} if prompt_ids is None else prompt_ids
+        self.cache = cache or RunCache()  # the harness shares one across a run's cells
         self.engine = engine
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -105,20 +152,30 @@ class PrunedVLM(lmms):
     # -- helpers ------------------------------------------------------------------------------
     def _generate(self, requests: list[Instance]) -> list[str]:
         contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*(r.args for r in requests))
-        images = [
-            self._image(fn, self.task_dict[task][split][doc_id], task)
-            for fn, doc_id, task, split in zip(doc_to_visual, doc_ids, tasks, splits)
-        ]
-        inputs = self._encode([self._prompt(c) for c in contexts], images)
+        key = (tasks, splits, doc_ids, contexts)
+        kept = self.cache.get(key)
+        if kept is None:
+            images = [
+                self._image(fn, self.task_dict[task][split][doc_id], task)
+                for fn, doc_id, task, split in zip(doc_to_visual, doc_ids, tasks, splits)
+            ]
+            inputs = self._encode([self._prompt(c) for c in contexts], images)
+        else:
+            inputs = kept.inputs
         decode = self._decode_config(dict(gen_kwargs[0]))
         clock = StageClock(self.engine.device)
         with self._naming_samples(inputs, tasks, doc_ids):
             gen = self.engine.generate(
                 inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                 method=self.method, budget=self.budget, decode=decode, clock=clock,
-                image_inputs=self.engine.adapter.image_inputs(inputs),
+                image_inputs=self.engine.adapter.image_inputs(inputs), images=kept and kept.images,
             )
-        self._record(inputs, gen.timings, gen.visual_tokens, [len(t) for t in gen.tokens], tasks, doc_ids)
+        timings = gen.timings
+        if kept is None:
+            self.cache.put(key, Batch(inputs, gen.images, timings["vision"]))
+        else:
+            timings = {**timings, "vision": kept.vision_ms}
+        self._record(inputs, timings, gen.visual_tokens, [len(t) for t in gen.tokens], tasks, doc_ids)
         return gen.texts
 
     def _loglikelihood(self, context: str, continuation: str, image: Image.Image, task: str, doc_id: int):
@@ -185,9 +242,10 @@ class PrunedVLM(lmms):
         rows = []
         for prompt, count in zip(prompts, counts):
             text = prompt.replace(processor.image_token, processor.image_token * count)
-            if text not in self.prompt_ids:  # a tensor: 8 bytes a token, not a list of int objects
-                self.prompt_ids[text] = torch.tensor(self.tokenizer(text)["input_ids"])
-            rows.append(self.prompt_ids[text])
+            ids = self.cache.prompt_ids
+            if text not in ids:  # a tensor: 8 bytes a token, not a list of int objects
+                ids[text] = torch.tensor(self.tokenizer(text)["input_ids"])
+            rows.append(ids[text])
         width = max(len(r) for r in rows)
         return {
             "input_ids": torch.stack([F.pad(r, (width - len(r), 0), value=self.tokenizer.pad_token_id) for r in rows]),

@@ -8,7 +8,7 @@ import torch
 from conftest import run, single
 from references import MAX_NEW, assert_matches, eos_of, until_eos
 
-from prunebench.engine import PruningEngine
+from prunebench.engine import DecodeConfig, PruningEngine
 from prunebench.method import create_method
 from prunebench.models import build_tiny_llava
 
@@ -135,3 +135,25 @@ def test_vision_tower_stops_at_the_projectors_feature_layer(tiny):
         adapter.vision_hidden(vision, -1)
     with pytest.raises(BackboneError, match="has 3"):
         adapter.vision_hidden(vision, 3)
+
+
+@pytest.mark.parametrize("spec", ["none", "random", "fastv", "sparsevlm:layers=0/1/2", "pyramiddrop:layers=0/1/2", "dart", "visionzip", "divprune",
+                                  "test-strided:layer=-1"])
+def test_a_kept_vision_output_gives_the_same_generation(tiny, engine, batch, spec):
+    """The run cache passes a batch's vision output back for later cells: every method must give
+    the same tokens, logits and kept patches as when the tower runs (no method may change it)."""
+    method = create_method(spec)
+    first = run(engine, batch, method, budget=64)
+    images = first.images
+    snapshot = [t.clone() for t in (images.embeds, *images.vision.hidden_states)]
+    for _ in range(2):
+        again = engine.generate(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], method=method, budget=64,
+            decode=DecodeConfig(max_new_tokens=6), return_logits=True, images=images,
+        )
+        assert again.tokens == first.tokens and again.kept_patches == first.kept_patches
+        for a, b in zip(again.logits, first.logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert again.images is None and "vision" not in again.timings and "vision" in first.timings
+    for kept, before in zip((images.embeds, *images.vision.hidden_states), snapshot):
+        torch.testing.assert_close(kept, before, rtol=0, atol=0)

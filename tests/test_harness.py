@@ -174,6 +174,52 @@ def test_batched_run_gives_the_answers_of_batch_one(tmp_path, pope_file):
     assert outputs["1"] == outputs["3"] and len(outputs["1"]) == 2
 
 
+def test_cells_reuse_the_vision_output_and_give_the_answers_of_a_run_without(tmp_path, pope_file):
+    """The run cache (a task's processed batches and vision output, kept for its later cells)
+    changes no answer; later cells say they reused it and carry the vision time measured once."""
+    runs = {}
+    for mb in ("0", "64"):
+        args = run_args(tmp_path / mb, pope_file, "--vision-cache-mb", mb, "--batch-size", "2", budgets="64,128")
+        args[args.index("--methods") + 1] = "none,random,visionzip,fastv"
+        assert main(args) == 0
+        runs[mb] = {(r.key.method, r.key.budget): r for r in ResultStore(tmp_path / mb).records()}
+    assert len(runs["0"]) == 7 and runs["0"].keys() == runs["64"].keys()
+    for key, record in runs["64"].items():
+        store = ResultStore(tmp_path / "64")
+        without = ResultStore(tmp_path / "0")
+        assert [s["output"] for s in store.samples(record.key)] == [s["output"] for s in without.samples(record.key)]
+        assert record.metrics == runs["0"][key].metrics
+        assert record.provenance["vision_cache_mb"] == 64 and runs["0"][key].provenance["vision_reused_batches"] == 0
+        # 3 samples in batches of 2: the baseline encodes both batches, every later cell reuses them
+        assert record.provenance["vision_reused_batches"] == (0 if key == ("none", "all") else 2)
+        assert record.timing["vision"] > 0
+    vision_ms = {round(r.timing["vision"], 9) for key, r in runs["64"].items()}
+    assert len(vision_ms) == 1  # every cell reports the time the baseline measured
+
+
+def test_the_run_cache_keeps_one_task_within_its_size():
+    import torch
+
+    from prunebench.adapters import VisionOutput
+    from prunebench.engine import EncodedImages
+    from prunebench.lmms_bridge import Batch, RunCache
+
+    def batch() -> Batch:  # 4 KiB of embeds + 4 KiB of one hidden state (features are a view of it)
+        hidden = torch.zeros(1, 1024)
+        images = EncodedImages(VisionOutput([1024], hidden[:, 1:], (hidden,)), torch.zeros(1, 1024))
+        return Batch({"input_ids": torch.zeros(1, 256, dtype=torch.int64)}, images, 1.0)
+
+    cache = RunCache(max_bytes=2 * (8192 + 2048))
+    cache.start_task("a")
+    for i in range(3):
+        cache.put(("a", i), batch())
+    assert cache.get(("a", 0)) and cache.get(("a", 1)) and cache.get(("a", 2)) is None  # full: the first ones stay
+    cache.start_task("a")
+    assert cache.get(("a", 0)) and cache.hits == 3
+    cache.start_task("b")
+    assert cache.get(("a", 0)) is None
+
+
 def test_loglikelihood_requests_score_the_continuation_on_the_engine(tiny, engine):
     """lmms-eval's loglikelihood path: the summed log-probability of the continuation after the
     pruned prompt, and whether greedy decoding would produce it."""
@@ -206,11 +252,12 @@ def test_llava_prompts_tokenized_once_equal_the_processors_batch(tiny, engine):
     from PIL import Image
 
     from prunebench.budget import Budget
-    from prunebench.lmms_bridge import PrunedVLM
+    from prunebench.lmms_bridge import PrunedVLM, RunCache
 
     _, processor = tiny
-    shared: dict = {}
-    lm = PrunedVLM(engine, processor, None, Budget.all(), prompt_ids=shared)
+    cache = RunCache()
+    shared = cache.prompt_ids
+    lm = PrunedVLM(engine, processor, None, Budget.all(), cache=cache)
     prompts = [lm._prompt(f"<image>\n{q}") for q in ("What is it?", "Is there a red circle in the image?", "Count.")]
     images = [Image.new("RGB", (40 + 20 * i, 50), (30 * i, 90, 200)) for i in range(3)]
     processor.tokenizer.padding_side = "left"

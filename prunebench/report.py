@@ -623,6 +623,8 @@ def speed_table(records: Iterable[Record], title: str | None = None) -> Table:
             "Tokens (eq.) = visual tokens averaged over the LLM's layers"
         )
     ]
+    if any(r.provenance.get("vision_reused_batches") for r in recs):
+        notes.append("Vision: a run encodes each batch once (--vision-cache-mb); cells that reused it report the time measured then")
     title = title or f"{recs[0].key.model}: speed"
     # a column that holds one value everywhere moves to the title or the notes
     if frame["device"].nunique() == 1:

@@ -195,6 +195,10 @@ def test_cells_reuse_the_vision_output_and_give_the_answers_of_a_run_without(tmp
         assert record.timing["vision"] > 0
     vision_ms = {round(r.timing["vision"], 9) for key, r in runs["64"].items()}
     assert len(vision_ms) == 1  # every cell reports the time the baseline measured
+    from prunebench.report import speed_table
+
+    said = [any(n.startswith("Vision: a run encodes") for n in speed_table(list(runs[mb].values())).notes) for mb in runs]
+    assert said == [False, True]  # the speed table says when vision times were reused
 
 
 def test_the_run_cache_keeps_one_task_within_its_size():

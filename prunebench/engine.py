@@ -75,7 +75,7 @@ class Generation:
     kept_patches: list[list[int]]  # original patch ids of the visual tokens the last layer saw
     timings: dict[str, float]  # ms per stage: vision, pruner, prefill, decode
     logits: list[torch.Tensor] = field(default_factory=list)  # (B, V) per step, when asked
-    images: EncodedImages | None = None  # what the vision side computed (None when it was given)
+    images: EncodedImages | None = None  # the vision output it computed, when asked (return_images)
 
     @property
     def equivalent_tokens(self) -> torch.Tensor:
@@ -132,17 +132,22 @@ class PruningEngine:
         clock: StageClock | None = None,
         image_inputs: dict[str, torch.Tensor] | None = None,
         images: EncodedImages | None = None,
+        return_images: bool = False,
     ) -> Generation:
         """``image_inputs``: the processor outputs the backbone needs besides pixels
         (``adapter.image_keys``: ``image_sizes`` for LLaVA-NeXT, ``image_grid_thw`` for Qwen2-VL).
-        ``images``: this batch's vision output from an earlier call (``Generation.images``); the
-        vision tower is then not run and ``timings`` has no ``vision`` entry."""
+        ``images``: this batch's vision output from an earlier call (``return_images=True`` puts it
+        in ``Generation.images``); the vision tower is then not run and ``timings`` has no
+        ``vision`` entry. Otherwise the vision output is freed before decoding."""
         decode = decode or DecodeConfig()
         clock = clock or StageClock(self.device)
-        given = images is not None
-        images = images or self.encode_images(pixel_values, clock, image_inputs)
+        encoded = None
+        if images is None:
+            images = self.encode_images(pixel_values, clock, image_inputs)
+            encoded = images if return_images else None
         state = self.prefill(input_ids, attention_mask, pixel_values, method, Budget.parse(budget), clock, image_inputs,
                              images)
+        del images
         tokens, logits = self.decode(state, decode, clock, return_logits)
         texts = self._texts(tokens, decode.stop) if self.tokenizer is not None else None
         kept = [row[row >= 0].tolist() for row in state.layout.visual_id]
@@ -153,7 +158,7 @@ class PruningEngine:
             kept_patches=kept,
             timings=clock.summary(),
             logits=logits,
-            images=None if given else images,
+            images=encoded,
         )
 
     @torch.inference_mode()

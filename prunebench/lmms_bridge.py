@@ -169,12 +169,13 @@ class PrunedVLM(lmms):
                 inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                 method=self.method, budget=self.budget, decode=decode, clock=clock,
                 image_inputs=self.engine.adapter.image_inputs(inputs), images=kept and kept.images,
+                return_images=kept is None and self.cache.max_bytes > 0,
             )
         timings = gen.timings
-        if kept is None:
-            self.cache.put(key, Batch(inputs, gen.images, timings["vision"]))
-        else:
+        if kept is not None:
             timings = {**timings, "vision": kept.vision_ms}
+        elif gen.images is not None:
+            self.cache.put(key, Batch(inputs, gen.images, timings["vision"]))
         self._record(inputs, timings, gen.visual_tokens, [len(t) for t in gen.tokens], tasks, doc_ids)
         return gen.texts
 

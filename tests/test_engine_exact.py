@@ -143,7 +143,11 @@ def test_a_kept_vision_output_gives_the_same_generation(tiny, engine, batch, spe
     """The run cache passes a batch's vision output back for later cells: every method must give
     the same tokens, logits and kept patches as when the tower runs (no method may change it)."""
     method = create_method(spec)
-    first = run(engine, batch, method, budget=64)
+    assert run(engine, batch, method, budget=64).images is None  # freed before decoding unless asked
+    first = engine.generate(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], method=method, budget=64,
+        decode=DecodeConfig(max_new_tokens=6), return_logits=True, return_images=True,
+    )
     images = first.images
     snapshot = [t.clone() for t in (images.embeds, *images.vision.hidden_states)]
     for _ in range(2):

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"samples per forward pass (default: 16 on {DEFAULT_MODEL}, 1 on other models)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: fp16 on GPU; on CPU bf16 where "
+                        "the CPU has bf16 units (AMX, AVX512-BF16), else fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="results", help="results store directory (default %(default)s)")
     parser.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
@@ -157,11 +158,12 @@ def main(args: argparse.Namespace) -> int:
     store.check_writable()
     device = _device(args.device, world)
     distributed.init(world, device)
-    dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
+    from prunebench.engine import PruningEngine
+    from prunebench.models import cpu_dtype, load_model
+
+    dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
 
     # 2. the model (a missing checkpoint fails here, within seconds)
-    from prunebench.engine import PruningEngine
-    from prunebench.models import load_model
 
     model, processor = load_model(args.model, device=device, dtype=dtype)
     engine = PruningEngine(model, processor.tokenizer)
@@ -180,9 +182,11 @@ def main(args: argparse.Namespace) -> int:
     from prunebench.lmms_bridge import RunCache
 
     cache = RunCache(args.vision_cache_mb << 20)
-    for cell in cells:
+    keys = [RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit) for cell in cells]
+    if not args.force:
+        _check_stored_dtypes(store, keys, dtype)
+    for cell, key in zip(cells, keys):
         cache.start_task(cell.task)
-        key = RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit)
         action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
         if action == "cached":
             console.print(f"[dim]cached[/]  {cell.label}")
@@ -209,6 +213,16 @@ def main(args: argparse.Namespace) -> int:
         print_summary(finished, store, Console())
     distributed.finish(world)
     return 0
+
+
+def _check_stored_dtypes(store: ResultStore, keys: list[RecordKey], dtype: str) -> None:
+    """Refuse, before computing anything, to reuse cells stored in another precision: one table
+    would mix them (the default precision depends on the device)."""
+    for key in keys:
+        if store.has(key) and (stored := store.load(key).provenance.get("dtype", dtype)) != dtype:
+            raise UserError(
+                f"{store.record_path(key)} was computed in {stored} and this run uses {dtype}: pass --dtype {stored} "
+                f"to reuse the stored cells, --force to recompute them in {dtype}, or another --results directory")
 
 
 def _decide(store: ResultStore, key: RecordKey, force: bool) -> str:

@@ -210,6 +210,14 @@ def load_builtin(name: str, device: str = "cpu", dtype: torch.dtype = torch.floa
     return model.to(device).eval(), build_processor(build_tokenizer(), BUILTIN_SPEC)
 
 
+def cpu_dtype() -> str:
+    """The precision CPU runs use unless told: bfloat16 where the CPU multiplies it natively (AMX or
+    AVX512-BF16: the built-in model's decoder forward is 2.2x faster than in float32 on an AMX Xeon),
+    float32 elsewhere (without those units bfloat16 is emulated, 5x slower than float32)."""
+    native = getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return "bfloat16" if any(check is not None and check() for check in native) else "float32"
+
+
 def _dtype(name: str) -> torch.dtype:
     choices = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in choices:

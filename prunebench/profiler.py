@@ -60,7 +60,7 @@ from prunebench.flops import (
     vision_flops,
 )
 from prunebench.method import Method, MethodError, create_method, parse_method_list
-from prunebench.models import BUILTIN_RANDOM, load_model
+from prunebench.models import BUILTIN_RANDOM, cpu_dtype, load_model
 from prunebench.presets import (
     PresetError,
     build_random_model,
@@ -491,7 +491,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", default="192,128,64", help="visual tokens kept: counts, fractions (0.25, 25%%) or 'all'")
     parser.add_argument("--random-weights", action="store_true",
                         help="build a hub id's geometry from its shipped preset config with random weights")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA; on CPU bfloat16 where the CPU has bf16 units (AMX, AVX512-BF16), else float32")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--batch-size", type=_at_least(1), default=ProfileSettings.batch_size)
     parser.add_argument("--prompt-tokens", type=_at_least(1), default=ProfileSettings.prompt_tokens,
@@ -524,7 +524,7 @@ def _profile(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"prunebench profile: --device {args.device}: this torch sees no CUDA device; use --device cpu", file=sys.stderr)
         return 2
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else cpu_dtype())
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [create_method(spec) for spec in parse_method_list(args.methods)]

@@ -28,6 +28,14 @@ def make_images(n: int, seed: int = 0, size: int = 336) -> list[Image.Image]:
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_bf16_units(monkeypatch):
+    """Runs default to bfloat16 on CPUs with bf16 units (models.cpu_dtype): tests see a CPU without
+    them, so that their default precision (float32) does not depend on the host."""
+    for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: False, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor) of the random tiny LLaVA, SDPA attention, fp32."""

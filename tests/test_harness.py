@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_images
 
 from prunebench.cli import main
@@ -30,9 +31,11 @@ def pope_file(tmp_path_factory) -> Path:
     return path
 
 
-def run_args(results: Path, pope: Path, *extra: str, budgets: str = "64") -> list[str]:
+def run_args(results: Path, pope: Path, *extra: str, budgets: str = "64", dtype: str = "float32") -> list[str]:
+    """float32 unless told: subprocesses default to bfloat16 on CPUs with bf16 units."""
     return ["run", "--tasks", "pope", "--task-data", f"pope={pope}", "--methods", "none,random", "--budgets", budgets,
-            "--limit", "3", "--max-new-tokens", "3", "--results", str(results), *extra]
+            "--limit", "3", "--max-new-tokens", "3", "--results", str(results), *(["--dtype", dtype] if dtype else []),
+            *extra]
 
 
 def records(results: Path) -> dict[str, dict]:
@@ -68,6 +71,31 @@ def test_rerun_skips_finished_cells_and_force_recomputes(tmp_path, pope_file):
     assert main(run_args(tmp_path, pope_file, "--force")) == 0
     after = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/*/*.json")}
     assert all(after[p] > before[p] for p in before)
+
+
+@pytest.mark.parametrize("units,expected", [(False, "float32"), (True, "bfloat16")])
+def test_cpu_runs_default_to_bfloat16_only_where_the_cpu_has_bf16_units(tmp_path, pope_file, monkeypatch, units, expected):
+    from prunebench.models import cpu_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units, raising=False)
+    assert cpu_dtype() == expected
+    assert main(run_args(tmp_path, pope_file, dtype=None)) == 0
+    recs = list(ResultStore(tmp_path).records())
+    assert len(recs) == 2 and {r.provenance["dtype"] for r in recs} == {expected}
+
+
+def test_cells_stored_in_another_precision_are_refused_not_mixed(tmp_path, pope_file, capsys, monkeypatch):
+    assert main(run_args(tmp_path, pope_file, budgets="128")) == 0  # float32: baseline and random@128
+    stored = {p: p.read_bytes() for p in tmp_path.glob("*/*/*.json")}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert main(run_args(tmp_path, pope_file, budgets="128,64", dtype=None)) == 2  # auto: bfloat16 here
+    err = capsys.readouterr().err
+    assert "computed in float32 and this run uses bfloat16" in err and "--dtype float32" in err and "--force" in err
+    assert {p: p.read_bytes() for p in tmp_path.glob("*/*/*.json")} == stored  # nothing computed, nothing lost
+    assert main(run_args(tmp_path, pope_file, budgets="128,64")) == 0  # the stored precision: reused, random@64 added
+    assert len(records(tmp_path)) == 3 and all(p.read_bytes() == b for p, b in stored.items())
+    assert main(run_args(tmp_path, pope_file, "--force", budgets="128,64", dtype=None)) == 0
+    assert {r.provenance["dtype"] for r in ResultStore(tmp_path).records()} == {"bfloat16"}
 
 
 def test_killed_run_resumes_without_losing_or_recomputing(tmp_path, pope_file):

@@ -12,6 +12,8 @@ Tables (prunebench.tables) are pandas frames of numbers, one per model, rows gro
   timings that eval records carry.
 - stats: per cell a 95 % bootstrap interval, agreement, and a paired test against the unpruned
   run (see prunebench.stats); ``--compare A B`` pairs two methods.
+- categories: per cell the score on each category of the samples (question kinds, POPE's
+  splits, MME's subtasks), when the per-sample files carry one.
 """
 
 from __future__ import annotations
@@ -392,6 +394,57 @@ def agreement_frame(records: Iterable[Record], store: ResultStore) -> pd.DataFra
     return pd.DataFrame(rows, columns=["method", "budget", "task", "shared", "agreement"])
 
 
+def _category_metric(metric: str, samples: list[dict[str, Any]]) -> str:
+    """The metric a category's score is rebuilt on: the task's own, except POPE's F1, which is not
+    defined on a category of one answer (a question kind: all "yes" or all "no"): its accuracy."""
+    if metric == "pope_f1_score" and all("pope_accuracy" in (s.get("scores") or {}) for s in samples):
+        return "pope_accuracy"
+    return metric
+
+
+def category_table(records: Iterable[Record], store: ResultStore) -> Table | None:
+    """Per cell, the score on each category of the task's samples (question kinds: GQA's and the
+    built-in tasks' kinds, POPE's splits, MME's subtasks), rebuilt from the per-sample files as the
+    stats table rebuilds the whole score; None when no task's samples carry a category."""
+    evals = _one_model(records, ("eval",))
+    cells = _index(evals)
+    metrics = _primary_metrics(evals)
+    samples = _Samples(store)
+    rows = table_rows(evals)
+    index = _row_index(rows, _original_tokens(evals), ["Budget", "Method"])
+    values: dict[tuple[int, str], float] = {}
+    columns: dict[str, None] = {}
+    used: dict[str, str] = {}
+    notes: list[str] = []
+    for task in _task_order(t for _, _, t in cells):
+        for (method, budget, t), rec in cells.items():
+            if t != task:
+                continue
+            found = samples.of(rec)
+            if not found or any("category" not in s for s in found):
+                continue
+            metric = used.setdefault(task, _category_metric(metrics[task], found))
+            where = f"{task} / {method} @ {budget}"
+            for kind in sorted({str(s["category"]) for s in found}):
+                column = f"{task_name(task)}: {kind}"
+                columns.setdefault(column, None)
+                try:
+                    units = stats.units_from_samples([s for s in found if str(s["category"]) == kind], metric, where)
+                except stats.StatsError as err:
+                    notes.append(str(err))
+                    continue
+                values[(rows.index((method, budget)), column)] = _display_factor(metric) * units.value()
+    if not columns:
+        return None
+    frame = pd.DataFrame(math.nan, index=index, columns=list(columns))
+    for (i, column), value in values.items():
+        frame.at[index[i], column] = value
+    notes.insert(0, "score of each task's samples by category ('category' in the per-sample files): "
+                 + ", ".join(f"{task_name(t)} {m}" for t, m in used.items()))
+    model = evals[0].key.model
+    return Table("categories", f"{model}: scores by category", frame, dict.fromkeys(columns, Column()), notes=notes)
+
+
 def stats_table(records: Iterable[Record], store: ResultStore, n_boot: int = 2000, seed: int = 0) -> Table:
     """Per cell: score, 95 % bootstrap interval, difference / agreement / paired test vs the unpruned run."""
     evals = _one_model(records, ("eval",))
@@ -735,6 +788,8 @@ def build_tables(
         tables.append(accuracy_table(records, agreement_frame(records, store)))
         if with_stats:
             tables.append(stats_table(records, store, n_boot, seed))
+        if (categories := category_table(records, store)) is not None:
+            tables.append(categories)
         if compare:
             tables.append(compare_table(records, store, *compare, n_boot=n_boot, seed=seed))
     elif compare:

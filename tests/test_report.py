@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import re
 
@@ -14,6 +15,7 @@ from helpers_report import (
     FIXTURE_DEVICE,
     TINY_MODEL,
     _record,
+    _tiny_tokens,
     write_example_store,
     write_tiny_store,
 )
@@ -27,6 +29,7 @@ from prunebench.report import (
     ReportError,
     accuracy_table,
     agreement_frame,
+    category_table,
     compare_table,
     group_label,
     paper_metric,
@@ -319,6 +322,47 @@ def test_stats_problems_become_notes(tmp_path):
     assert "MME samples need 'category' and 'question_id'" in notes
 
 
+# -- categories --------------------------------------------------------------------------------
+
+
+def test_category_scores_by_hand(records, tiny):
+    """MME's subtasks (the only task of the fixture whose samples carry a category): each column is
+    that category's mean over images of acc + acc+, and the columns sum to the perception score."""
+    table = category_table(records, tiny)
+    assert list(table.frame.columns) == ["MME-P: color", "MME-P: count"]
+    expected = {G_ALL: ("Vanilla", 200.0, 200.0), G64: ("FastV", 125.0, 25.0)}
+    for group, (method, color, count) in expected.items():
+        assert table.frame.loc[(group, method)].tolist() == [color, count]
+    assert table.frame.loc[(G64, "Random")].tolist() == [200.0, 125.0]
+    whole = {(r.key.method, r.key.budget): r.metrics["mme_perception_score"] for r in records if r.key.task == "mme"}
+    assert table.frame.loc[(G64, "FastV")].sum() == whole[("fastv", "64")]
+    assert math.isnan(table.frame.loc[(G192, "Random")].iloc[0])  # random @ 192 has no MME record
+    assert "MME-P mme_perception_score" in table.notes[0]
+
+
+def test_pope_categories_use_accuracy_and_none_without_categories(tmp_path):
+    """POPE's F1 is undefined on a category of one answer: its categories show accuracy."""
+    store = ResultStore(tmp_path)
+    kinds = ["present"] * 4 + ["absent"] * 4
+    targets = ["yes"] * 4 + ["no"] * 4
+    outputs = {("none", "all"): targets, ("random", "64"): ["yes", "no", "no", "yes", "no", "yes", "no", "no"]}
+    for (method, budget), outs in outputs.items():
+        samples = [{"doc_id": i, "output": o, "target": t, "category": k,
+                    "scores": {"pope_accuracy": float(o == t), "pope_f1_score": float(o == t)}}
+                   for i, (o, t, k) in enumerate(zip(outs, targets, kinds))]
+        store.write(_record(TINY_MODEL, method, budget, "pope", metrics={"pope_f1_score": 0.5, "pope_accuracy": 0.5},
+                            primary="pope_accuracy", n=8, tokens=_tiny_tokens(method, budget)), samples)
+    table = category_table(list(store.records()), store)
+    assert list(table.frame.columns) == ["POPE: absent", "POPE: present"]
+    assert table.frame.loc[(G_ALL, "Vanilla")].tolist() == [100.0, 100.0]
+    assert table.frame.loc[(G64, "Random")].tolist() == [75.0, 50.0]  # 3 of 4 "no" right, 2 of 4 "yes"
+    assert "POPE pope_accuracy" in table.notes[0]
+    for path in store.root.glob("*/*/*.jsonl"):  # the same samples without categories: no table
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "category"}) + "\n" for r in rows))
+    assert category_table(list(store.records()), store) is None
+
+
 def test_compare_two_methods(records, tiny):
     t = compare_table(records, tiny, "fastv", "random", n_boot=100)
     assert list(t.frame.index) == [(G192, "GQA"), (G192, "POPE"), (G64, "GQA"), (G64, "MME-P"), (G64, "POPE")]
@@ -416,7 +460,7 @@ def test_cli_writes_every_format(tiny, tmp_path, capsys):
     assert cli(["report", "--results", str(tiny.root), "--out", str(out), "--bootstrap", "50", "--no-plots"]) == 0
     folder = out / TINY_MODEL
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        f"{t}.{s}" for t in ("accuracy", "stats", "speed") for s in ("md", "tex", "csv", "html")
+        f"{t}.{s}" for t in ("accuracy", "stats", "categories", "speed") for s in ("md", "tex", "csv", "html")
     )
     assert "**tiny-llava: accuracy and retention**" in (folder / "accuracy.md").read_text()
     assert "Retain 64 tokens" in capsys.readouterr().out

@@ -185,6 +185,8 @@ def main(args: argparse.Namespace) -> int:
     keys = [RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit) for cell in cells]
     if not args.force:
         _check_stored_dtypes(store, keys, dtype)
+    chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""
+    console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cells, results in {store.root}")
     for cell, key in zip(cells, keys):
         cache.start_task(cell.task)
         action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)

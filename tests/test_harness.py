@@ -74,12 +74,14 @@ def test_rerun_skips_finished_cells_and_force_recomputes(tmp_path, pope_file):
 
 
 @pytest.mark.parametrize("units,expected", [(False, "float32"), (True, "bfloat16")])
-def test_cpu_runs_default_to_bfloat16_only_where_the_cpu_has_bf16_units(tmp_path, pope_file, monkeypatch, units, expected):
+def test_cpu_runs_default_to_bfloat16_only_where_the_cpu_has_bf16_units(tmp_path, pope_file, monkeypatch, capsys, units,
+                                                                        expected):
     from prunebench.models import cpu_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units, raising=False)
     assert cpu_dtype() == expected
     assert main(run_args(tmp_path, pope_file, dtype=None)) == 0
+    assert f"on cpu in {expected} (the default here" in capsys.readouterr().err
     recs = list(ResultStore(tmp_path).records())
     assert len(recs) == 2 and {r.provenance["dtype"] for r in recs} == {expected}
 

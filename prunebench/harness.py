@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.force:
         _check_stored_dtypes(store, keys, dtype)
     chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""
-    console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cells, results in {store.root}")
+    console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, results in {store.root}")
     for cell, key in zip(cells, keys):
         cache.start_task(cell.task)
         action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)

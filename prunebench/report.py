@@ -416,24 +416,22 @@ def category_table(records: Iterable[Record], store: ResultStore) -> Table | Non
     columns: dict[str, None] = {}
     used: dict[str, str] = {}
     notes: list[str] = []
-    for task in _task_order(t for _, _, t in cells):
-        for (method, budget, t), rec in cells.items():
-            if t != task:
+    order = _task_order(t for _, _, t in cells)
+    for (method, budget, task), rec in sorted(cells.items(), key=lambda cell: order.index(cell[0][2])):
+        found = samples.of(rec)
+        if not found or any("category" not in s for s in found):
+            continue
+        metric = used.setdefault(task, _category_metric(metrics[task], found))
+        where = f"{task} / {method} @ {budget}"
+        for kind in sorted({str(s["category"]) for s in found}):
+            column = f"{task_name(task)}: {kind}"
+            columns.setdefault(column, None)
+            try:
+                units = stats.units_from_samples([s for s in found if str(s["category"]) == kind], metric, where)
+            except stats.StatsError as err:
+                notes.append(str(err))
                 continue
-            found = samples.of(rec)
-            if not found or any("category" not in s for s in found):
-                continue
-            metric = used.setdefault(task, _category_metric(metrics[task], found))
-            where = f"{task} / {method} @ {budget}"
-            for kind in sorted({str(s["category"]) for s in found}):
-                column = f"{task_name(task)}: {kind}"
-                columns.setdefault(column, None)
-                try:
-                    units = stats.units_from_samples([s for s in found if str(s["category"]) == kind], metric, where)
-                except stats.StatsError as err:
-                    notes.append(str(err))
-                    continue
-                values[(rows.index((method, budget)), column)] = _display_factor(metric) * units.value()
+            values[(rows.index((method, budget)), column)] = _display_factor(metric) * units.value()
     if not columns:
         return None
     frame = pd.DataFrame(math.nan, index=index, columns=list(columns))

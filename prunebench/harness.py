@@ -158,13 +158,12 @@ def main(args: argparse.Namespace) -> int:
     store.check_writable()
     device = _device(args.device, world)
     distributed.init(world, device)
+
+    # 2. the model (a missing checkpoint fails here, within seconds)
     from prunebench.engine import PruningEngine
     from prunebench.models import cpu_dtype, load_model
 
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
-
-    # 2. the model (a missing checkpoint fails here, within seconds)
-
     model, processor = load_model(args.model, device=device, dtype=dtype)
     engine = PruningEngine(model, processor.tokenizer)
     n_visual, varies = _visual_token_bound(engine, processor)

@@ -43,8 +43,9 @@ neighbour heads): it reads text as well but answers left/right-of by its prior.
 Status: the shipped model (prunebench/assets/tiny-llava) is the default recipe's run (via
 ``--handover`` / ``--from-handover``). Unpruned on the 500 evaluation questions: synth-gqa 96.4 %,
 synth-pope 99.8 (F1), synth-textvqa 96.4 %; reruns of the one command: 97.0 / 100.0 / 91.8 (77.6
-min on a slow 2-core host) and, with session 18's faster steps, 92.4 / 100.0 / 95.6 (63.2 min on
-the same host) (reports/builtin/tiny-llava-training.md).
+min on a slow 2-core host), 92.4 / 100.0 / 95.6 (63.2 min on the same host, session 18's faster
+steps) and 92.8 / 100.0 / 97.0 (29.0 min on a 2-core host ~2x faster per step, session 21)
+(reports/builtin/tiny-llava-training.md).
 
 Every step logs; probe accuracy per question kind (single-question prompts, exactly the
 evaluation format, from a held-out stream) is logged every ``eval_every`` steps and saved with the

@@ -203,7 +203,7 @@ def load_builtin(name: str, device: str = "cpu", dtype: torch.dtype = torch.floa
     if not (directory / "model.safetensors").is_file():
         raise ModelNotFoundError(
             f"{name}: no weights in {directory}; this install lacks the shipped model. Train it with "
-            f"`prunebench train tiny-llava --out {directory}` (40-65 minutes on 2 CPU cores)"
+            f"`prunebench train tiny-llava --out {directory}` (30-65 minutes on 2 CPU cores)"
         )
     model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id

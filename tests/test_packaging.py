@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -33,3 +35,16 @@ def test_wheel_ships_methods_tasks_and_the_console_script(tmp_path):
     ).stdout
     assert out.splitlines()[0].startswith(str(target))
     assert "'none'" in out and "'random'" in out
+
+
+def test_cpu_setup_requirements_are_lmms_evals_without_torchvision_plus_the_eval_pins():
+    """setup.sh's CPU path installs lmms-eval with --no-deps, then this list: lmms-eval's own
+    requirements minus torch / torchvision / timm, plus the `eval` extra's pins (filelock<4)."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "lmms_eval_requirements.py")],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    names = {re.split(r"[\s;<>=!~\[]", line, maxsplit=1)[0].lower().replace("_", "-") for line in out}
+    assert names.isdisjoint({"torch", "torchvision", "timm", "lmms-eval"})
+    assert "filelock<4" in out
+    assert any(line.startswith("transformers") for line in out)  # one of lmms-eval's own
+    assert not any("extra ==" in line for line in out)
+    assert 'filelock<4; extra == "eval"' in importlib.metadata.requires("prunebench")

@@ -2,19 +2,19 @@
 other pins of prunebench's `eval` extra (what lmms-eval needs but does not pin itself)."""
 
 import importlib.metadata
-import re
+
+# packaging is a dependency of transformers, which setup.sh installs before running this
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 SKIP = {"torch", "torchvision", "timm"}
 
-
-def name_of(requirement: str) -> str:
-    return re.split(r"[\s;<>=!~\[]", requirement, maxsplit=1)[0].lower().replace("_", "-")
-
-
-for requirement in importlib.metadata.requires("lmms-eval") or []:
-    if "extra ==" not in requirement and name_of(requirement) not in SKIP:
+for text in importlib.metadata.requires("lmms-eval") or []:
+    requirement = Requirement(text)
+    if "extra" not in str(requirement.marker or "") and canonicalize_name(requirement.name) not in SKIP:
+        print(text)
+for text in importlib.metadata.requires("prunebench") or []:
+    requirement = Requirement(text)
+    if str(requirement.marker) == 'extra == "eval"' and canonicalize_name(requirement.name) != "lmms-eval":
+        requirement.marker = None
         print(requirement)
-for requirement in importlib.metadata.requires("prunebench") or []:
-    pin, _, marker = requirement.partition(";")
-    if re.fullmatch(r"""\s*extra\s*==\s*["']eval["']\s*""", marker) and name_of(pin) != "lmms-eval":
-        print(pin.strip())

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +44,7 @@ def test_cpu_setup_requirements_are_lmms_evals_without_torchvision_plus_the_eval
     requirements minus torch / torchvision / timm, plus the `eval` extra's pins (filelock<4)."""
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "lmms_eval_requirements.py")],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    names = {re.split(r"[\s;<>=!~\[]", line, maxsplit=1)[0].lower().replace("_", "-") for line in out}
+    names = {canonicalize_name(Requirement(line).name) for line in out}
     assert names.isdisjoint({"torch", "torchvision", "timm", "lmms-eval"})
     assert "filelock<4" in out
     assert any(line.startswith("transformers") for line in out)  # one of lmms-eval's own

@@ -24,8 +24,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prunebench.budget import Budget, BudgetError
-from prunebench.method import (
+from prunebench.engine.budget import Budget, BudgetError
+from prunebench.engine.method import (
     Method,
     MethodError,
     PositionPolicy,
@@ -33,7 +33,7 @@ from prunebench.method import (
     Stage,
     register_method,
 )
-from prunebench.signals import StageContext
+from prunebench.engine.signals import StageContext
 
 
 @register_method

@@ -20,8 +20,8 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from prunebench.method import Method, Selection, register_method
-from prunebench.signals import StageContext
+from prunebench.engine.method import Method, Selection, register_method
+from prunebench.engine.signals import StageContext
 
 
 @register_method

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunebench.budget import Budget
-from prunebench.method import (
+from prunebench.engine.budget import Budget
+from prunebench.engine.method import (
     Method,
     MethodError,
     PositionPolicy,
@@ -29,7 +29,7 @@ from prunebench.method import (
     Stage,
     register_method,
 )
-from prunebench.signals import StageContext
+from prunebench.engine.signals import StageContext
 
 
 @register_method

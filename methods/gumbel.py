@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunebench.method import register_method
-from prunebench.selectors import CheckpointSelector
+from prunebench.engine.method import register_method
+from prunebench.training.selectors import CheckpointSelector
 
 
 @register_method

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunebench.budget import Budget
-from prunebench.method import Method, Stage, register_method
+from prunebench.engine.budget import Budget
+from prunebench.engine.method import Method, Stage, register_method
 
 
 @register_method

@@ -33,8 +33,8 @@ from typing import ClassVar
 
 import torch
 
-from prunebench.budget import Budget, layer_averaged_counts
-from prunebench.method import (
+from prunebench.engine.budget import Budget, layer_averaged_counts
+from prunebench.engine.method import (
     Method,
     MethodError,
     PositionPolicy,
@@ -42,7 +42,7 @@ from prunebench.method import (
     Stage,
     register_method,
 )
-from prunebench.signals import StageContext
+from prunebench.engine.signals import StageContext
 
 
 @register_method

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from prunebench.method import Method, Selection, register_method
-from prunebench.signals import StageContext
+from prunebench.engine.method import Method, Selection, register_method
+from prunebench.engine.signals import StageContext
 
 
 @register_method

@@ -45,8 +45,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from prunebench.budget import Budget, layer_averaged_counts
-from prunebench.method import (
+from prunebench.engine.budget import Budget, layer_averaged_counts
+from prunebench.engine.method import (
     PRE_LLM,
     Method,
     MethodError,
@@ -55,7 +55,7 @@ from prunebench.method import (
     Stage,
     register_method,
 )
-from prunebench.signals import StageContext
+from prunebench.engine.signals import StageContext
 
 PUBLISHED = {
     "1.5": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},

@@ -24,8 +24,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prunebench.budget import Budget, BudgetError
-from prunebench.method import (
+from prunebench.engine.budget import Budget, BudgetError
+from prunebench.engine.method import (
     PRE_LLM,
     Method,
     MethodError,
@@ -33,7 +33,7 @@ from prunebench.method import (
     Stage,
     register_method,
 )
-from prunebench.signals import StageContext
+from prunebench.engine.signals import StageContext
 
 CONTEXTUAL_RATIO = 10 / 64  # published: 10 of 64, 20 of 128, 30 of 192
 

@@ -1,5 +1,5 @@
 import sys
 
-from prunebench.cli import main
+from prunebench.commands.main import main
 
 sys.exit(main())

@@ -3,3 +3,11 @@
 
 class UserError(Exception):
     """Bad input or a missing asset, with a message that says what to do."""
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model name, directory or hub id that cannot be loaded."""
+
+
+class MethodError(UserError, ValueError):
+    """Unknown method, malformed or wrong-typed option, or an invalid selection."""

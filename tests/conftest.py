@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from prunebench.engine import PruningEngine
-from prunebench.models import PROMPT_TEMPLATE, build_tiny_llava
+from prunebench.engine.generate import PruningEngine
+from prunebench.models.tiny import PROMPT_TEMPLATE, build_tiny_llava
 
 QUESTIONS = [
     "what color is the circle ?",
@@ -89,7 +89,7 @@ def single(processor, index: int):
 
 
 def run(engine: PruningEngine, inputs, method=None, budget="all", **decode):
-    from prunebench.engine import DecodeConfig
+    from prunebench.engine.generate import DecodeConfig
 
     decode.setdefault("max_new_tokens", 6)
     return engine.generate(
@@ -140,7 +140,7 @@ class Backbone:
 
 
 def build_backbone(name: str, attn_implementation: str = "sdpa") -> Backbone:
-    from prunebench.backbones import (
+    from prunebench.models.backbones import (
         NEXT_PROMPT_TEMPLATE,
         QWEN_PROMPT_TEMPLATE,
         build_tiny_llava_next,

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from prunebench.budget import Budget
-from prunebench.method import PRE_LLM, Method, Selection, Stage, register_method
+from prunebench.engine.budget import Budget
+from prunebench.engine.method import PRE_LLM, Method, Selection, Stage, register_method
 
 
 @register_method

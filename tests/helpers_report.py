@@ -345,7 +345,7 @@ def write_example_store(root: Path) -> ResultStore:
 if __name__ == "__main__":  # regenerate reports/example from the example fixture store
     import tempfile
 
-    from prunebench.cli import main
+    from prunebench.commands.main import main
 
     out = sys.argv[1] if len(sys.argv) > 1 else "reports/example"
     with tempfile.TemporaryDirectory() as tmp:

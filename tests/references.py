@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from conftest import run, single
 
-from prunebench.method import Method, create_method
+from prunebench.engine.method import Method, create_method
 
 MAX_NEW = 6  # new tokens for the keep-all-is-generate checks
 STEPS = 5  # decode steps of slow_reference
@@ -264,8 +264,8 @@ def assert_every_method_runs_or_refuses(backbone, tmp_path, vision_width: int) -
     raises a MethodError naming why. The list must cover the registry."""
     import pytest
 
-    from prunebench.method import MethodError, available_methods
-    from prunebench.selectors import build_selector, save_selector
+    from prunebench.engine.method import MethodError, available_methods
+    from prunebench.training.selectors import build_selector, save_selector
 
     torch.manual_seed(0)
     for kind in ("autoselect", "gumbel"):

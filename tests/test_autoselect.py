@@ -7,8 +7,8 @@ import torch
 from conftest import run
 from references import MAX_NEW, assert_batch_equals_each_alone
 
-from prunebench.method import MethodError, create_method
-from prunebench.selectors import (
+from prunebench.engine.method import MethodError, create_method
+from prunebench.training.selectors import (
     CheckpointError,
     build_selector,
     save_selector,
@@ -82,7 +82,7 @@ def test_spec_and_options(checkpoints):
 
 @pytest.mark.parametrize("kind", METHODS)
 def test_without_a_checkpoint_the_error_says_how_to_train_one(kind, monkeypatch, tmp_path):
-    monkeypatch.setattr("prunebench.models.ASSETS", tmp_path)  # an install without the shipped checkpoints
+    monkeypatch.setattr("prunebench.models.loading.ASSETS", tmp_path)  # an install without the shipped checkpoints
     with pytest.raises(MethodError, match=f"{kind} needs a trained checkpoint: pass {kind}:ckpt=DIR; "
                                           f"train one with `prunebench train {kind} --model MODEL"):
         create_method(kind)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from prunebench.budget import Budget
-from prunebench.cli import main
-from prunebench.engine import PruningEngine
-from prunebench.lmms_bridge import PrunedVLM
-from prunebench.models import load_model
+from prunebench.engine.budget import Budget
+from prunebench.commands.main import main
+from prunebench.engine.generate import PruningEngine
+from prunebench.run.lmms_bridge import PrunedVLM
+from prunebench.models.loading import load_model
 from prunebench.results import ResultStore
 
 pytest.importorskip("lmms_eval")

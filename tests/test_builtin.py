@@ -15,16 +15,11 @@ import torch.nn.functional as F
 from prunebench.tasks import synthetic as world
 from rich.console import Console
 
-from prunebench.adapters import LlavaAdapter
-from prunebench.builtin import Recipe, Trainer, _causal_only, train
-from prunebench.models import (
-    ASSETS,
-    BUILTIN_SPEC,
-    BUILTIN_TRAINED,
-    PROMPT_TEMPLATE,
-    load_model,
-)
-from prunebench.taskspec import GENERATED
+from prunebench.engine.adapters import LlavaAdapter
+from prunebench.training.recipe import Recipe, Trainer, _causal_only, train
+from prunebench.models.loading import ASSETS, BUILTIN_TRAINED, load_model
+from prunebench.models.tiny import BUILTIN_SPEC, PROMPT_TEMPLATE
+from prunebench.run.taskspec import GENERATED
 
 
 def _digest(rows: list[dict]) -> str:
@@ -107,7 +102,7 @@ def test_patch_labels_name_what_is_drawn_there():
 def test_training_prompts_are_what_lmms_eval_builds(task):
     from lmms_eval import utils
 
-    from prunebench.taskspec import manager_for
+    from prunebench.run.taskspec import manager_for
 
     base = GENERATED[task].base
     (row,) = world.task_rows(task, 1, seed=1)
@@ -119,7 +114,7 @@ def test_training_prompts_are_what_lmms_eval_builds(task):
 
 def test_a_run_of_generated_tasks_indexes_only_what_it_needs():
     """Indexing all ~3,000 lmms-eval task files takes seconds; generated tasks need theirs and POPE's."""
-    from prunebench.taskspec import manager_for
+    from prunebench.run.taskspec import manager_for
 
     manager = manager_for(list(world.TASKS))
     assert {gen.base for gen in GENERATED.values()} <= set(manager.all_tasks)
@@ -147,8 +142,8 @@ def test_shipped_model_loads_offline_with_llava_geometry(monkeypatch):
 def shipped_score():
     """``score(task, method, budget)``: (correct answers, [(output, answer)]) of the shipped model on
     a task's first 24 evaluation questions; the model loads once and each cell runs once."""
-    from prunebench.engine import DecodeConfig, PruningEngine
-    from prunebench.method import create_method
+    from prunebench.engine.generate import DecodeConfig, PruningEngine
+    from prunebench.engine.method import create_method
 
     model, processor = load_model("builtin:tiny-llava")
     engine = PruningEngine(model, processor)
@@ -184,8 +179,8 @@ def test_random_pruning_to_64_tokens_loses_every_task(task, shipped_score):
 
 @needs_shipped
 def test_default_methods_are_every_method_and_need_no_arguments_on_the_shipped_model():
-    from prunebench.harness import DEFAULT_MODEL, default_methods
-    from prunebench.method import available_methods, create_method, parse_method_list
+    from prunebench.run.harness import DEFAULT_MODEL, default_methods
+    from prunebench.engine.method import available_methods, create_method, parse_method_list
 
     shipped = {name for name, cls in available_methods().items() if cls.__module__.startswith("prunebench.methods.")}
     on_builtin = [create_method(spec) for spec in parse_method_list(default_methods(DEFAULT_MODEL))]
@@ -207,7 +202,7 @@ def test_shipped_selectors_keep_the_text_that_random_pruning_loses(selector, shi
 @needs_shipped
 def test_default_run_covers_every_built_in_task_on_the_shipped_model(tmp_path, capfd):
     pytest.importorskip("lmms_eval")
-    from prunebench.cli import main
+    from prunebench.commands.main import main
     from prunebench.results import ResultStore
 
     assert main(["run", "--methods", "none,random", "--budgets", "64", "--limit", "2", "--max-new-tokens", "3",
@@ -262,7 +257,7 @@ def test_string_start_marks_the_first_character_in_labels_and_targets():
 
 
 def test_neighbour_heads_start_out_attending_to_the_left_and_right_patch():
-    from prunebench.builtin import _init_neighbour_heads, _init_positions_2d
+    from prunebench.training.recipe import _init_neighbour_heads, _init_positions_2d
 
     trainer = Trainer(Recipe(), Console(quiet=True))
     tower = trainer.model.model.vision_tower
@@ -407,13 +402,13 @@ def test_quota_examples_follow_their_quotas_and_number_share():
 def test_command_line_sets_every_training_stage(monkeypatch, tmp_path):
     import argparse
 
-    from prunebench import train as train_module
+    from prunebench.training import trainer as train_module
 
     parser = argparse.ArgumentParser()
     train_module.add_arguments(parser)
     flags = [f"--{stage}-steps={i + 1}" for i, stage in enumerate(train_module.TINY_LLAVA_STAGES)]
     seen = {}
-    monkeypatch.setattr("prunebench.builtin.train", lambda recipe, out, **handover: seen.update(recipe=recipe, out=out, **handover))
+    monkeypatch.setattr("prunebench.training.recipe.train", lambda recipe, out, **handover: seen.update(recipe=recipe, out=out, **handover))
     assert train_module.main(parser.parse_args(["tiny-llava", "--out", str(tmp_path), *flags])) == 0
     for i, stage in enumerate(train_module.TINY_LLAVA_STAGES):
         assert getattr(seen["recipe"], f"{stage}_steps") == i + 1
@@ -422,7 +417,7 @@ def test_command_line_sets_every_training_stage(monkeypatch, tmp_path):
 def test_default_recipe_is_the_one_the_shipped_model_was_trained_with():
     from dataclasses import asdict
 
-    from prunebench.builtin import RECIPES
+    from prunebench.training.recipe import RECIPES
 
     logged = json.loads((ASSETS / "tiny-llava" / "training_log.json").read_text())["recipe"]
     default = json.loads(json.dumps(asdict(RECIPES["default"])))  # as logged: tuples become lists
@@ -430,7 +425,7 @@ def test_default_recipe_is_the_one_the_shipped_model_was_trained_with():
 
 
 def test_alignment_weighs_characters_apart_from_shapes_and_background():
-    from prunebench.builtin import _alignment_weights
+    from prunebench.training.recipe import _alignment_weights
 
     scene = world.Scene((230, 230, 230), (world.Shape("red", "square", (40, 8, 47, 15)),),
                         world.Text("cat", x=4, y=60, ink=(0, 0, 0)))
@@ -450,7 +445,7 @@ def test_recipe_refuses_unknown_language_conversations():
 
 
 def test_neighbour_character_targets():
-    from prunebench.builtin import _neighbour_chars
+    from prunebench.training.recipe import _neighbour_chars
 
     scene = world.Scene((230, 230, 230), (world.Shape("red", "square", (8, 8, 15, 15)),),
                         world.Text("42", x=40, y=20, ink=(0, 0, 0)))

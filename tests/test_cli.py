@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from prunebench import cli
+from prunebench.commands import main as cli
 
 
 def test_list_shows_every_method_with_stage_and_options(capsys):

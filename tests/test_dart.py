@@ -16,8 +16,8 @@ from references import (
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from prunebench.budget import Budget, BudgetError
-from prunebench.method import MethodError, create_method
+from prunebench.engine.budget import Budget, BudgetError
+from prunebench.engine.method import MethodError, create_method
 
 
 def reference_keep(model, inputs, layer: int, budget: int, pivot_image: int = 4, pivot_text: int = 4) -> list[int]:

@@ -9,7 +9,7 @@ from conftest import run
 from prunebench.methods.divprune import max_min_diverse
 from references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
 
-from prunebench.method import create_method
+from prunebench.engine.method import create_method
 
 N = 576
 

@@ -8,9 +8,9 @@ import torch
 from conftest import run, single
 from references import MAX_NEW, assert_matches, eos_of, until_eos
 
-from prunebench.engine import DecodeConfig, PruningEngine
-from prunebench.method import create_method
-from prunebench.models import build_tiny_llava
+from prunebench.engine.generate import DecodeConfig, PruningEngine
+from prunebench.engine.method import create_method
+from prunebench.models.tiny import build_tiny_llava
 
 
 @pytest.mark.parametrize(
@@ -113,7 +113,7 @@ def test_score_continuation_equals_the_models_own_logprobs(tiny, engine):
 def test_vision_tower_stops_at_the_projectors_feature_layer(tiny):
     """The adapter runs CLIP only up to ``vision_feature_layer`` (-2): the features are HF's
     ``hidden_states[-2]``, the last layer never runs, and asking for a state past it is a clear error."""
-    from prunebench.adapters import BackboneError, LlavaAdapter
+    from prunebench.engine.adapters import BackboneError, LlavaAdapter
 
     model, processor = tiny
     adapter = LlavaAdapter(model)

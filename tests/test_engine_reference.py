@@ -9,7 +9,7 @@ from conftest import run, single
 from helpers_methods import Probe, pattern
 from references import STEPS, slow_reference
 
-from prunebench.method import create_method
+from prunebench.engine.method import create_method
 
 
 @pytest.mark.parametrize("layer", [-1, 0, 1, 2, 3])

@@ -12,7 +12,7 @@ from references import (
     slow_reference,
 )
 
-from prunebench.method import MethodError, create_method
+from prunebench.engine.method import MethodError, create_method
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import torch
 from conftest import single
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunebench.budget import Budget
-from prunebench.engine import PruningEngine
-from prunebench.flops import (
+from prunebench.engine.budget import Budget
+from prunebench.engine.generate import PruningEngine
+from prunebench.profiling.flops import (
     DecoderGeometry,
     decode_flops_per_step,
     kv_cache_bytes,
@@ -20,9 +20,9 @@ from prunebench.flops import (
     vision_flops,
     visual_tokens_per_image,
 )
-from prunebench.method import create_method
-from prunebench.presets import preset_config
-from prunebench.timing import StageClock
+from prunebench.engine.method import create_method
+from prunebench.models.presets import preset_config
+from prunebench.engine.timing import StageClock
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,16 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
 )
 
-from prunebench import cli, presets, profiler
-from prunebench.backbones import (
+from prunebench.commands import main as cli
+from prunebench.models import presets
+from prunebench.profiling import profiler
+from prunebench.models.backbones import (
     NEXT_PROMPT_TEMPLATE,
     QWEN_PROMPT_TEMPLATE,
     QwenVLInputs,
 )
-from prunebench.budget import Budget
-from prunebench.flops import (
+from prunebench.engine.budget import Budget
+from prunebench.profiling.flops import (
     DecoderGeometry,
     image_tokens,
     kv_cache_bytes,
@@ -32,11 +34,11 @@ from prunebench.flops import (
     qwen_windows,
     vision_flops,
 )
-from prunebench.method import create_method
-from prunebench.models import build_tokenizer
-from prunebench.presets import preset_config
+from prunebench.engine.method import create_method
+from prunebench.models.tiny import build_tokenizer
+from prunebench.models.presets import preset_config
 from prunebench.results import ResultStore
-from prunebench.timing import StageClock
+from prunebench.engine.timing import StageClock
 
 CPU = torch.device("cpu")
 PEAKS = profiler.DevicePeaks(flops_per_s=1e11, bytes_per_s=1e10)

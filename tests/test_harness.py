@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import make_images
 
-from prunebench.cli import main
+from prunebench.commands.main import main
 from prunebench.results import ResultStore
 
 pytest.importorskip("lmms_eval")
@@ -76,7 +76,7 @@ def test_rerun_skips_finished_cells_and_force_recomputes(tmp_path, pope_file):
 @pytest.mark.parametrize("units,expected", [(False, "float32"), (True, "bfloat16")])
 def test_cpu_runs_default_to_bfloat16_only_where_the_cpu_has_bf16_units(tmp_path, pope_file, monkeypatch, capsys, units,
                                                                         expected):
-    from prunebench.models import cpu_dtype
+    from prunebench.models.loading import cpu_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units, raising=False)
     assert cpu_dtype() == expected
@@ -225,7 +225,7 @@ def test_cells_reuse_the_vision_output_and_give_the_answers_of_a_run_without(tmp
         assert record.timing["vision"] > 0
     vision_ms = {round(r.timing["vision"], 9) for key, r in runs["64"].items()}
     assert len(vision_ms) == 1  # every cell reports the time the baseline measured
-    from prunebench.report import speed_table
+    from prunebench.report.build import speed_table
 
     said = [any(n.startswith("Vision: a run encodes") for n in speed_table(list(runs[mb].values())).notes) for mb in runs]
     assert said == [False, True]  # the speed table says when vision times were reused
@@ -234,9 +234,9 @@ def test_cells_reuse_the_vision_output_and_give_the_answers_of_a_run_without(tmp
 def test_the_run_cache_keeps_one_task_within_its_size():
     import torch
 
-    from prunebench.adapters import VisionOutput
-    from prunebench.engine import EncodedImages
-    from prunebench.lmms_bridge import Batch, RunCache
+    from prunebench.engine.adapters import VisionOutput
+    from prunebench.engine.generate import EncodedImages
+    from prunebench.run.lmms_bridge import Batch, RunCache
 
     def batch() -> Batch:  # 4 KiB of embeds + 4 KiB of one hidden state (features are a view of it)
         hidden = torch.zeros(1, 1024)
@@ -259,9 +259,9 @@ def test_loglikelihood_requests_score_the_continuation_on_the_engine(tiny, engin
     pruned prompt, and whether greedy decoding would produce it."""
     from lmms_eval.api.instance import Instance
 
-    from prunebench.budget import Budget
-    from prunebench.lmms_bridge import PrunedVLM
-    from prunebench.method import create_method
+    from prunebench.engine.budget import Budget
+    from prunebench.run.lmms_bridge import PrunedVLM
+    from prunebench.engine.method import create_method
 
     _, processor = tiny
     image = make_images(1)[0]
@@ -285,8 +285,8 @@ def test_llava_prompts_tokenized_once_equal_the_processors_batch(tiny, engine):
     import torch
     from PIL import Image
 
-    from prunebench.budget import Budget
-    from prunebench.lmms_bridge import PrunedVLM, RunCache
+    from prunebench.engine.budget import Budget
+    from prunebench.run.lmms_bridge import PrunedVLM, RunCache
 
     _, processor = tiny
     cache = RunCache()

@@ -9,8 +9,8 @@ import helpers_methods  # noqa: F401
 import pytest
 from conftest import run
 
-from prunebench.budget import Budget, BudgetError
-from prunebench.method import (
+from prunebench.engine.budget import Budget, BudgetError
+from prunebench.engine.method import (
     Method,
     MethodError,
     available_methods,
@@ -94,7 +94,7 @@ def test_a_method_keeping_the_wrong_count_is_caught(engine, batch):
         def select(self, ctx):
             import torch
 
-            from prunebench.method import Selection
+            from prunebench.engine.method import Selection
             return Selection(keep=torch.arange(ctx.uniform_keep + 1).repeat(ctx.batch_size, 1))
 
     with pytest.raises(MethodError, match="kept 65 tokens of sample 0; its schedule says 64"):

@@ -23,7 +23,7 @@ def test_wheel_ships_methods_tasks_and_the_console_script(tmp_path):
     assert "prunebench/methods/random.py" in names and "prunebench/methods/none.py" in names
     assert "prunebench/tasks/synthetic.py" in names and "prunebench/tasks/synth_gqa.yaml" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "prunebench = prunebench.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "prunebench = prunebench.commands.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     # installed on its own (no repo on the path), the registry finds the shipped methods
     target = tmp_path / "site"
@@ -31,7 +31,7 @@ def test_wheel_ships_methods_tasks_and_the_console_script(tmp_path):
                    check=True)
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
-        [sys.executable, "-c", ("import prunebench.method as m, prunebench; print(prunebench.__file__); "
+        [sys.executable, "-c", ("import prunebench.engine.method as m, prunebench; print(prunebench.__file__); "
                                 "print(sorted(m.available_methods()))")],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     ).stdout

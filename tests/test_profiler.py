@@ -13,25 +13,27 @@ import numpy as np
 import pytest
 import torch
 
-import prunebench.timing
-from prunebench import cli, presets, profiler
-from prunebench.budget import Budget, BudgetError
-from prunebench.engine import PruningEngine
-from prunebench.flops import (
+import prunebench.engine.timing
+from prunebench.commands import main as cli
+from prunebench.models import presets
+from prunebench.profiling import profiler
+from prunebench.engine.budget import Budget, BudgetError
+from prunebench.engine.generate import PruningEngine
+from prunebench.profiling.flops import (
     DecoderGeometry,
     kv_cache_bytes,
     prefill_flops,
     roofline_ms,
     visual_tokens_per_image,
 )
-from prunebench.method import PRE_LLM, Method, Selection, Stage, create_method
-from prunebench.presets import (
+from prunebench.engine.method import PRE_LLM, Method, Selection, Stage, create_method
+from prunebench.models.presets import (
     build_random_model,
     check_engine_support,
     preset_config,
     resolve_preset,
 )
-from prunebench.profiler import (
+from prunebench.profiling.profiler import (
     STAGES,
     DevicePeaks,
     ProfileSettings,
@@ -117,7 +119,7 @@ def test_every_stage_sits_inside_ttft(setup):
 
 # -- the pruner never leaks into prefill -----------------------------------------------------
 class VirtualTime:
-    """Stands in for the ``time`` module of prunebench.timing: every reading advances one whole
+    """Stands in for the ``time`` module of prunebench.engine.timing: every reading advances one whole
     second, and ``sleep`` advances it without work. Whole seconds keep every difference exact."""
 
     def __init__(self):
@@ -160,7 +162,7 @@ def test_pruner_time_is_excluded_from_prefill(setup, monkeypatch, layers):
     and changes neither `prefill`, `vision` nor decode: the spans are disjoint by construction."""
     engine, inputs = setup
     Sleepy.clock = VirtualTime()
-    monkeypatch.setattr(prunebench.timing, "time", Sleepy.clock)
+    monkeypatch.setattr(prunebench.engine.timing, "time", Sleepy.clock)
     settings = ProfileSettings(batch_size=2, prompt_tokens=12, warmup=0, repeats=2, decode_tokens=2)
     cells = [(Sleepy(layers=layers, seconds=s), Budget.parse(64)) for s in (0.0, 1000.0)]
     quiet, slow = (record.timing for record in profile_cells(engine, inputs, cells, settings, PEAKS, "tiny"))

@@ -15,8 +15,8 @@ from references import (
     record_stages,
 )
 
-from prunebench.budget import Budget, BudgetError
-from prunebench.method import MethodError, create_method
+from prunebench.engine.budget import Budget, BudgetError
+from prunebench.engine.method import MethodError, create_method
 
 TINY = "layers=1/2/3"
 

@@ -18,9 +18,9 @@ from references import (
     slow_reference,
 )
 
-from prunebench.budget import Budget
-from prunebench.method import create_method
-from prunebench.timing import StageClock
+from prunebench.engine.budget import Budget
+from prunebench.engine.method import create_method
+from prunebench.engine.timing import StageClock
 
 
 @pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
@@ -173,8 +173,8 @@ def test_every_method_runs_or_refuses(qwen, tmp_path):
 
 @pytest.mark.parametrize("preset,layers,params", [("qwen2-vl-7b", 28, 8.29e9), ("qwen2.5-vl-7b", 28, 8.29e9)])
 def test_7b_presets_build_weightless_and_have_an_engine_adapter(preset, layers, params):
-    from prunebench.adapters import QwenVLAdapter, adapter_for
-    from prunebench.presets import build_random_model
+    from prunebench.engine.adapters import QwenVLAdapter, adapter_for
+    from prunebench.models.presets import build_random_model
 
     model = build_random_model(preset, device="meta")
     adapter = adapter_for(model)
@@ -187,7 +187,7 @@ def test_7b_presets_build_weightless_and_have_an_engine_adapter(preset, layers, 
                                       ("random:tiny-qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
                                       ("random:tiny-llava-next", "LlavaNextForConditionalGeneration")])
 def test_load_model_builds_the_tiny_backbones(name, cls):
-    from prunebench.models import load_model
+    from prunebench.models.loading import load_model
 
     model, processor = load_model(name)
     assert type(model).__name__ == cls and processor.tokenizer.padding_side == "left"

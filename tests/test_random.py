@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import run
 
-from prunebench.method import create_method
+from prunebench.engine.method import create_method
 
 
 def test_same_seed_same_tokens_and_exact_count(engine, batch):

@@ -22,10 +22,10 @@ from helpers_report import (
 from matplotlib.image import imread
 from rich.console import Console
 
-from prunebench import stats
-from prunebench.cli import main as cli
-from prunebench.plots import draw_all
-from prunebench.report import (
+from prunebench.report import stats
+from prunebench.commands.main import main as cli
+from prunebench.report.plots import draw_all
+from prunebench.report.build import (
     ReportError,
     accuracy_table,
     agreement_frame,

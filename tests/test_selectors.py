@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from prunebench.selectors import (
+from prunebench.training.selectors import (
     AutoSelect,
     AutoSelectConfig,
     Block,
@@ -240,7 +240,7 @@ def test_missing_checkpoint(tmp_path, monkeypatch):
         load_selector(tmp_path / "nope", "autoselect")
     with pytest.raises(CheckpointError, match="has no config.json"):
         load_selector(tmp_path, "autoselect")
-    monkeypatch.setattr("prunebench.models.ASSETS", tmp_path)  # an install without the shipped checkpoints
+    monkeypatch.setattr("prunebench.models.loading.ASSETS", tmp_path)  # an install without the shipped checkpoints
     with pytest.raises(CheckpointError, match="needs a trained checkpoint: pass gumbel:ckpt=DIR"):
         CheckpointScorer("gumbel", None)
 

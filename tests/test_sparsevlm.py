@@ -19,8 +19,8 @@ from references import (
     record_stages,
 )
 
-from prunebench.budget import Budget
-from prunebench.method import MethodError, create_method
+from prunebench.engine.budget import Budget
+from prunebench.engine.method import MethodError, create_method
 
 TINY = "layers=0/1/2"
 

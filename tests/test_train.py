@@ -14,15 +14,16 @@ import pytest
 import torch
 from conftest import make_images
 
-from prunebench import cli
-from prunebench import train as train_module
-from prunebench.adapters import adapter_for
-from prunebench.budget import BudgetError
-from prunebench.engine import DecodeConfig, PruningEngine
-from prunebench.method import create_method
-from prunebench.models import PROMPT_TEMPLATE, TinyLlavaSpec, build_tiny_llava
-from prunebench.selectors import CheckpointError, load_selector
-from prunebench.train import (
+from prunebench.commands import main as cli
+from prunebench.training import trainer as train_module
+from prunebench.engine.adapters import adapter_for
+from prunebench.engine.budget import BudgetError
+from prunebench.engine.generate import DecodeConfig, PruningEngine
+from prunebench.engine.method import create_method
+from prunebench.models.tiny import PROMPT_TEMPLATE, TinyLlavaSpec, build_tiny_llava
+from prunebench.training.selectors import CheckpointError, load_selector
+from prunebench.training.losses import autoselect_loss, vision_features, vlm_loss
+from prunebench.training.trainer import (
     CAPTION_PROMPT,
     BuiltinQuestions,
     Collator,
@@ -30,7 +31,6 @@ from prunebench.train import (
     OptionError,
     StepBatches,
     TrainConfig,
-    autoselect_loss,
     budget_at,
     build_module,
     lr_at,
@@ -38,8 +38,6 @@ from prunebench.train import (
     parse_budget_range,
     tau_at,
     train,
-    vision_features,
-    vlm_loss,
 )
 
 SMALL = TinyLlavaSpec(image_size=112)  # 8 x 8 = 64 visual tokens
@@ -205,7 +203,7 @@ def test_training_lowers_the_loss_and_leaves_the_vlm_untouched(small, tmp_path):
 
 @pytest.mark.parametrize("backbone", ["llava-next", "qwen2-vl"])
 def test_other_backbones_are_refused_before_any_output(backbone, tmp_path):
-    from prunebench.backbones import build_tiny_llava_next, build_tiny_qwen2_vl
+    from prunebench.models.backbones import build_tiny_llava_next, build_tiny_qwen2_vl
 
     model, processor = build_tiny_llava_next() if backbone == "llava-next" else build_tiny_qwen2_vl()
     with pytest.raises(OptionError, match=rf"{type(model).__name__} is not one.*not built"):

@@ -9,9 +9,9 @@ from conftest import run, single
 from prunebench.methods.visionzip import split_budget
 from references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
 
-from prunebench.adapters import BackboneError, LlavaAdapter
-from prunebench.budget import BudgetError
-from prunebench.method import MethodError, create_method
+from prunebench.engine.adapters import BackboneError, LlavaAdapter
+from prunebench.engine.budget import BudgetError
+from prunebench.engine.method import MethodError, create_method
 
 N = 576
 

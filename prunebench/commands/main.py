@@ -1,0 +1,77 @@
+"""`prunebench` command line: one subcommand per module, imported only when that subcommand runs
+(so `prunebench report` does not pay for importing transformers).
+
+Each subcommand module defines ``add_arguments(parser)`` and ``main(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from prunebench.errors import UserError
+
+# name -> (module, one-line help). A module that does not exist yet is reported as not built.
+SUBCOMMANDS = {
+    "run": ("prunebench.run.harness", "evaluate methods x budgets x tasks through lmms-eval"),
+    "list": ("prunebench.commands.listing", "list methods (with stage and options), tasks and models"),
+    "profile": ("prunebench.profiling.profiler", "time vision / pruner / prefill / decode, TFLOPs, KV cache"),
+    "report": ("prunebench.report.build", "accuracy-retention and speed tables (md, latex, csv) and plots"),
+    "train": ("prunebench.training.trainer", "train a learned selector (autoselect, gumbel)"),
+}
+
+
+def _load(name: str):
+    module_name, _ = SUBCOMMANDS[name]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        return None
+
+
+def build_parser(selected: str | None = None):
+    """The parser, with the arguments of the ``selected`` subcommand (its module, or None)."""
+    parser = argparse.ArgumentParser(
+        prog="prunebench",
+        description="Benchmark visual-token pruning methods for VLMs under one engine, one protocol, one timer.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    module = None
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == selected:
+            module = _load(name)
+            if module is not None:
+                module.add_arguments(sub)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser, module = build_parser(selected if selected in SUBCOMMANDS else None)
+    args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # recorded in results provenance
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if module is None:
+        print(f"prunebench {args.command}: not built yet (planned: {SUBCOMMANDS[args.command][1]}).", file=sys.stderr)
+        return 2
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(module.main(args) or 0)
+    except UserError as err:
+        print(f"prunebench {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished results are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""`prunebench run`: methods x budgets x tasks through lmms-eval, one record per cell, resumable.
+
+Every input is checked before any work (methods, budgets, task names, task data, results
+directory, model). The unpruned baseline runs once per (model, task) and is reused by every
+method. A finished cell is never recomputed unless ``--force``; a cell another live run is
+computing is skipped. A failing cell stops the run with its error: nothing turns into an empty
+answer, and the records already written stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+from prunebench.run import distributed
+from prunebench.run import taskspec
+from prunebench.engine.budget import Budget, BudgetError
+from prunebench.errors import UserError
+from prunebench.engine.method import Method, MethodError, create_method, parse_method_list
+from prunebench.results import Record, RecordKey, ResultStore
+
+# the trained tiny LLaVA shipped in prunebench/assets (README "Status" gives its accuracy)
+DEFAULT_MODEL = "builtin:tiny-llava"
+# on the default model: every method, in-LLM stages moved early enough that its 4-layer decoder
+# meets K = 64, the learned selectors from the checkpoints shipped for it
+BUILTIN_METHODS = ("none,random,fastv,sparsevlm:layers=0/1/2,pyramiddrop:layers=0/1/2,dart,visionzip,divprune,"
+                   "autoselect,gumbel")
+# on any other model: every training-free method at its paper's settings (learned ones need ckpt=)
+TRAINING_FREE_METHODS = "none,random,fastv,sparsevlm,pyramiddrop,dart,visionzip,divprune"
+
+
+def default_methods(model: str) -> str:
+    return BUILTIN_METHODS if model == DEFAULT_MODEL else TRAINING_FREE_METHODS
+
+
+def default_batch_size(model: str) -> int:
+    """16 on the built-in model (its samples are tiny; answers do not depend on the batch, see
+    tests/test_batching.py); 1 elsewhere, so that timings are per-request latencies."""
+    return 16 if model == DEFAULT_MODEL else 1
+
+
+DEFAULT_TASKS = "synth-gqa,synth-textvqa,synth-pope"
+DEFAULT_BUDGETS = "192,128,64"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local dir, or built-in name (default {DEFAULT_MODEL})")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma list, options as name:key=value (default on {DEFAULT_MODEL}: {BUILTIN_METHODS}; "
+                             f"on other models: {TRAINING_FREE_METHODS})")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="lmms-eval task names, aliases or prunebench tasks (default %(default)s)")
+    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="visual tokens kept: counts (64) or fractions (0.25, 25%%)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each task")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"samples per forward pass (default: 16 on {DEFAULT_MODEL}, 1 on other models)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: fp16 on GPU; on CPU bf16 where "
+                        "the CPU has bf16 units (AMX, AVX512-BF16), else fp32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default="results", help="results store directory (default %(default)s)")
+    parser.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
+                        help="run TASK on a local parquet/json/csv file, keeping its prompts and metrics")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap every task's answer length (smoke runs)")
+    parser.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+    parser.add_argument("--vision-cache-mb", type=int, default=None,
+                        help="keep each batch's processed inputs and vision-tower output for the task's later cells, "
+                             "up to this many MB (default: 2048 on CPU, 0 on GPU, where the tower is a small share "
+                             "of the time and the memory is the model's); 0 runs the tower in every cell")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: Method
+    budget: Budget
+    task: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.spec()} @ {self.budget} on {self.task}"
+
+
+def plan(methods: list[Method], budgets: list[Budget], tasks: list[str]) -> list[Cell]:
+    """Task by task (the run's cache keeps one task's images): its unpruned baseline, then each
+    pruning method at each budget."""
+    baseline = create_method("none")
+    cells = []
+    for task in tasks:
+        cells.append(Cell(baseline, Budget.all(), task))
+        for method in methods:
+            if method.stage != "none":
+                cells += [Cell(method, budget, task) for budget in budgets]
+    return cells
+
+
+def check_schedules(methods: list[Method], budgets: list[Budget], n_visual: int, num_layers: int, model: str,
+                    varies: bool = False) -> None:
+    """Every (method, budget) must be schedulable on this model before any cell runs.
+
+    ``varies``: the visual tokens depend on the image (LLaVA-NeXT, Qwen-VL) and ``n_visual`` is the
+    most one image can give; a budget is checked against that image, so the layer checks hold for
+    every image and a K no image can meet fails here. An image with fewer tokens than an absolute K
+    fails when it is reached, naming the sample (prunebench.run.lmms_bridge); records already written stay.
+    """
+    tokens = f"up to {n_visual} visual tokens per image" if varies else f"{n_visual} visual tokens"
+    for method in methods:
+        for budget in budgets:
+            try:
+                method.schedule(n_visual, budget, num_layers)
+            except (BudgetError, MethodError) as err:
+                raise type(err)(
+                    f"{method.spec()} at budget {budget} on {model} ({tokens}, {num_layers} decoder layers): {err}"
+                ) from None
+
+
+def _visual_token_bound(engine, processor) -> tuple[int, bool]:
+    """(the most visual tokens one image gives this model, whether the count varies per image)."""
+    from prunebench.profiling.flops import max_image_tokens
+
+    config = engine.model.config
+    return max_image_tokens(config, getattr(processor, "image_processor", None)), config.model_type != "llava"
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    world = distributed.current()
+    console = Console(stderr=True, quiet=not world.main)
+    # our own progress bar replaces the datasets / lmms-eval tqdm bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("LOGURU_LEVEL", "WARNING")  # lmms-eval's task indexing logs at DEBUG
+    # 1. everything that can be checked without the model or lmms-eval
+    methods = [create_method(spec) for spec in parse_method_list(args.methods or default_methods(args.model))]
+    budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
+    tasks = [taskspec.canonical(t) for t in args.tasks.split(",") if t.strip()]
+    task_data = taskspec.parse_task_data(args.task_data)
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit {args.limit}: give a positive number of samples")
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(args.model)
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size {args.batch_size}: must be positive")
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive")
+    if args.vision_cache_mb is not None and args.vision_cache_mb < 0:
+        raise UserError(f"--vision-cache-mb {args.vision_cache_mb}: give 0 (off) or a positive size in MB")
+    store = ResultStore(args.results)
+    store.check_writable()
+    device = _device(args.device, world)
+    distributed.init(world, device)
+
+    # 2. the model (a missing checkpoint fails here, within seconds)
+    from prunebench.engine.generate import PruningEngine
+    from prunebench.models.loading import cpu_dtype, load_model
+
+    dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
+    model, processor = load_model(args.model, device=device, dtype=dtype)
+    engine = PruningEngine(model, processor.tokenizer)
+    n_visual, varies = _visual_token_bound(engine, processor)
+    check_schedules(methods, budgets, n_visual, engine.adapter.num_layers, args.model, varies)
+
+    # 3. tasks (needs lmms-eval's task index)
+    taskspec.check_known(tasks)
+    for task in tasks:
+        taskspec.check_data_reachable(task, task_data.get(task))
+    cells = plan(methods, budgets, tasks)
+    if args.vision_cache_mb is None:
+        args.vision_cache_mb = 0 if device.startswith("cuda") else 2048
+    provenance = _provenance(args, device, dtype)
+    finished = []
+    from prunebench.run.lmms_bridge import RunCache
+
+    cache = RunCache(args.vision_cache_mb << 20)
+    keys = [RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit) for cell in cells]
+    if not args.force:
+        _check_stored_dtypes(store, keys, dtype)
+    chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""
+    console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, results in {store.root}")
+    for cell, key in zip(cells, keys):
+        cache.start_task(cell.task)
+        action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
+        if action == "cached":
+            console.print(f"[dim]cached[/]  {cell.label}")
+            finished.append(store.load(key))
+            continue
+        if action == "busy":
+            console.print(f"[yellow]skipped[/] {cell.label}: another run is computing it")
+            continue
+        try:
+            spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
+            record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, console, world,
+                                            cache)
+            if world.main:
+                store.write(record, samples)
+        finally:
+            if world.main:
+                store.release(key)
+        if world.main:
+            finished.append(record)
+            console.print(f"[green]done[/]    {cell.label}: {record.primary_metric} = {record.score:.4g}")
+    if world.main and finished:
+        from prunebench.report.build import print_summary
+
+        print_summary(finished, store, Console())
+    distributed.finish(world)
+    return 0
+
+
+def _check_stored_dtypes(store: ResultStore, keys: list[RecordKey], dtype: str) -> None:
+    """Refuse, before computing anything, to reuse cells stored in another precision: one table
+    would mix them (the default precision depends on the device)."""
+    for key in keys:
+        if store.has(key) and (stored := store.load(key).provenance.get("dtype", dtype)) != dtype:
+            raise UserError(
+                f"{store.record_path(key)} was computed in {stored} and this run uses {dtype}: pass --dtype {stored} "
+                f"to reuse the stored cells, --force to recompute them in {dtype}, or another --results directory")
+
+
+def _decide(store: ResultStore, key: RecordKey, force: bool) -> str:
+    """"cached" (a record exists), "busy" (another live run holds the cell) or "run" (claimed)."""
+    if store.has(key) and not force:
+        return "cached"
+    return "run" if store.claim(key) else "busy"
+
+
+def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console,
+                  world: distributed.World, cache=None):
+    """Run one cell through lmms-eval; returns its record and per-sample rows (None off rank 0)."""
+    from lmms_eval import evaluator
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from prunebench.run.lmms_bridge import PrunedVLM, RunCache
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        bar = progress.add_task(cell.label, total=args.limit)
+        cache = cache or RunCache()
+        reused_before = cache.hits
+        lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       on_progress=lambda n: progress.advance(bar, n),
+                       on_requests=lambda n: progress.update(bar, total=n), cache=cache)
+        torch.manual_seed(args.seed)
+        # lmms-eval's "Postprocessing" bar passes disable= itself, so TQDM_DISABLE cannot hide it
+        show_bar = evaluator.tqdm
+        evaluator.tqdm = lambda *a, **kw: show_bar(*a, **{**kw, "disable": True})
+        try:
+            out = evaluator.simple_evaluate(
+                model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
+                verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                fewshot_random_seed=args.seed, bootstrap_iters=0,
+                # score answers on docs without their images, as lmms-eval's own CLI does by default
+                # (decoding every image again cost ~0.6 s a cell on the built-in tasks)
+                cli_args=argparse.Namespace(process_with_media=False),
+                # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
+                distributed_executor_backend="torchrun",
+            )
+        finally:
+            evaluator.tqdm = show_bar
+    all_stats = {k: v for part in distributed.gather(lm.stats, world) for k, v in part.items()}
+    if not world.main:
+        return None, None
+    (result_name,) = out["results"].keys()
+    metrics = {k.split(",")[0]: v for k, v in out["results"][result_name].items()
+               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+    metric_list = out["configs"][result_name].get("metric_list") or [{}]
+    primary = metric_list[0].get("metric") or next(iter(metrics))
+    logged = sorted(out["samples"][result_name], key=lambda s: s["doc_id"])  # ranks interleave under DP
+    samples = [_sample(s, all_stats.get((result_name, s["doc_id"]))) for s in logged]
+    stats = [all_stats[k] for k in sorted(all_stats)]
+    record = Record(
+        key=key,
+        metrics=metrics,
+        primary_metric=primary,
+        n_samples=len(samples),
+        method_options={f.name: getattr(cell.method, f.name) for f in cell.method.options()},
+        stage=cell.method.stage,
+        position_policy=cell.method.positions,
+        visual_tokens={
+            "nominal": cell.budget.tokens if cell.budget.tokens and cell.budget.tokens > 0 else None,
+            "mean_kept": mean(s.visual_tokens[-1] for s in stats),
+            "equivalent": mean(mean(s.visual_tokens) for s in stats),
+            "original": mean(s.n_visual for s in stats),
+        },
+        timing=_timing(stats),
+        # batches whose vision output (and its measured time) came from an earlier cell of the run
+        provenance={**provenance, "lmms_eval_task": result_name, "vision_reused_batches": cache.hits - reused_before},
+    )
+    return record, samples
+
+
+def _sample(logged: dict, stats) -> dict:
+    scores = {}
+    for name, value in logged.items():
+        if isinstance(value, dict) and isinstance(value.get("score"), (int, float)):
+            scores[name] = value["score"]
+        elif isinstance(value, (int, float)) and name not in ("doc_id",):
+            scores[name] = value
+    output = logged.get("filtered_resps") or logged.get("resps")
+    while isinstance(output, list) and output:
+        output = output[0]
+    row = {
+        "doc_id": logged["doc_id"],
+        "output": output,
+        "target": logged.get("target"),
+        "scores": scores,
+        "visual_tokens": None if stats is None else stats.visual_tokens,
+    }
+    # MME scores image pairs within categories: the report's intervals resample by them
+    for name in ("category", "question_id"):
+        value = (logged.get("doc") or {}).get(name)
+        if isinstance(value, (str, int)):
+            row[name] = value
+    return row
+
+
+def _timing(stats) -> dict[str, float]:
+    def avg(name: str) -> float:
+        return mean(s.timing.get(name, 0.0) for s in stats)
+
+    vision, pruner, prefill = avg("vision"), avg("pruner"), avg("prefill")
+    decode_steps = [max(s.new_tokens - 1, 1) for s in stats]
+    return {
+        "vision": vision,
+        "pruner": pruner,
+        "prefill": prefill,
+        "ttft": vision + pruner + prefill,
+        "decode_per_token": mean(s.timing.get("decode", 0.0) / n for s, n in zip(stats, decode_steps)),
+    }
+
+
+def _device(name: str, world: distributed.World) -> str:
+    if name == "auto":
+        return f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def _provenance(args, device: str, dtype: str) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "git_commit": _git_commit(),
+        "versions": {p: version(p) for p in ("prunebench", "torch", "transformers", "lmms_eval")},
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine()),
+        "dtype": dtype,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "vision_cache_mb": args.vision_cache_mb,
+        "world_size": distributed.current().size,
+        "command": shlex.join(["prunebench", *getattr(args, "argv", sys.argv[1:])]),
+        "host": socket.gethostname(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

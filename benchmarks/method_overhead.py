@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 from transformers import DynamicCache
 
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine.generate import PruningEngine
 from prunebench.engine.method import (
     MethodError,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.engine.generate import PruningEngine
 from prunebench.engine.method import create_method
 from prunebench.models.tiny import PROMPT_TEMPLATE

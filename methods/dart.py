@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine.method import (
     Method,
     MethodError,

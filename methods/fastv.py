@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.engine.method import (
     Method,
     MethodError,

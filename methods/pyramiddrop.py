@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from prunebench.engine.budget import Budget, layer_averaged_counts
+from prunebench.budget import Budget, layer_averaged_counts
 from prunebench.engine.method import (
     Method,
     MethodError,

@@ -45,7 +45,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from prunebench.engine.budget import Budget, layer_averaged_counts
+from prunebench.budget import Budget, layer_averaged_counts
 from prunebench.engine.method import (
     PRE_LLM,
     Method,

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.engine.method import PRE_LLM, Method, Selection, Stage, register_method
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.commands.main import main
 from prunebench.engine.generate import PruningEngine
 from prunebench.run.lmms_bridge import PrunedVLM

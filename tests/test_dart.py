@@ -16,7 +16,7 @@ from references import (
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine.method import MethodError, create_method
 
 

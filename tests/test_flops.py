@@ -8,7 +8,7 @@ import torch
 from conftest import single
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.engine.generate import PruningEngine
 from prunebench.profiling.flops import (
     DecoderGeometry,
@@ -21,7 +21,7 @@ from prunebench.profiling.flops import (
     visual_tokens_per_image,
 )
 from prunebench.engine.method import create_method
-from prunebench.models.presets import preset_config
+from prunebench.profiling.presets import preset_config
 from prunebench.engine.timing import StageClock
 
 

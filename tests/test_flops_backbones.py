@@ -17,14 +17,14 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
 )
 
 from prunebench.commands import main as cli
-from prunebench.models import presets
+from prunebench.profiling import presets
 from prunebench.profiling import profiler
 from prunebench.models.backbones import (
     NEXT_PROMPT_TEMPLATE,
     QWEN_PROMPT_TEMPLATE,
     QwenVLInputs,
 )
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.profiling.flops import (
     DecoderGeometry,
     image_tokens,
@@ -36,7 +36,7 @@ from prunebench.profiling.flops import (
 )
 from prunebench.engine.method import create_method
 from prunebench.models.tiny import build_tokenizer
-from prunebench.models.presets import preset_config
+from prunebench.profiling.presets import preset_config
 from prunebench.results import ResultStore
 from prunebench.engine.timing import StageClock
 

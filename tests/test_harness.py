@@ -225,7 +225,7 @@ def test_cells_reuse_the_vision_output_and_give_the_answers_of_a_run_without(tmp
         assert record.timing["vision"] > 0
     vision_ms = {round(r.timing["vision"], 9) for key, r in runs["64"].items()}
     assert len(vision_ms) == 1  # every cell reports the time the baseline measured
-    from prunebench.report.build import speed_table
+    from prunebench.report.speed import speed_table
 
     said = [any(n.startswith("Vision: a run encodes") for n in speed_table(list(runs[mb].values())).notes) for mb in runs]
     assert said == [False, True]  # the speed table says when vision times were reused
@@ -259,7 +259,7 @@ def test_loglikelihood_requests_score_the_continuation_on_the_engine(tiny, engin
     pruned prompt, and whether greedy decoding would produce it."""
     from lmms_eval.api.instance import Instance
 
-    from prunebench.engine.budget import Budget
+    from prunebench.budget import Budget
     from prunebench.run.lmms_bridge import PrunedVLM
     from prunebench.engine.method import create_method
 
@@ -285,7 +285,7 @@ def test_llava_prompts_tokenized_once_equal_the_processors_batch(tiny, engine):
     import torch
     from PIL import Image
 
-    from prunebench.engine.budget import Budget
+    from prunebench.budget import Budget
     from prunebench.run.lmms_bridge import PrunedVLM, RunCache
 
     _, processor = tiny

@@ -17,7 +17,7 @@ from references import (
     slow_reference,
 )
 
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.engine.method import MethodError, create_method
 
 
@@ -138,7 +138,7 @@ def test_every_method_runs_or_refuses(nxt, tmp_path):
 
 def test_7b_preset_builds_weightless_and_has_an_engine_adapter():
     from prunebench.engine.adapters import LlavaNextAdapter, adapter_for
-    from prunebench.models.presets import build_random_model
+    from prunebench.profiling.presets import build_random_model
 
     adapter = adapter_for(build_random_model("llava-next-7b", device="meta"))
     assert isinstance(adapter, LlavaNextAdapter) and adapter.num_layers == 32

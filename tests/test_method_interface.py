@@ -9,7 +9,7 @@ import helpers_methods  # noqa: F401
 import pytest
 from conftest import run
 
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine.method import (
     Method,
     MethodError,

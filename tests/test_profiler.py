@@ -15,9 +15,9 @@ import torch
 
 import prunebench.engine.timing
 from prunebench.commands import main as cli
-from prunebench.models import presets
+from prunebench.profiling import presets
 from prunebench.profiling import profiler
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine.generate import PruningEngine
 from prunebench.profiling.flops import (
     DecoderGeometry,
@@ -27,7 +27,7 @@ from prunebench.profiling.flops import (
     visual_tokens_per_image,
 )
 from prunebench.engine.method import PRE_LLM, Method, Selection, Stage, create_method
-from prunebench.models.presets import (
+from prunebench.profiling.presets import (
     build_random_model,
     check_engine_support,
     preset_config,

@@ -15,7 +15,7 @@ from references import (
     record_stages,
 )
 
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine.method import MethodError, create_method
 
 TINY = "layers=1/2/3"

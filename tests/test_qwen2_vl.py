@@ -18,7 +18,7 @@ from references import (
     slow_reference,
 )
 
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.engine.method import create_method
 from prunebench.engine.timing import StageClock
 
@@ -174,7 +174,7 @@ def test_every_method_runs_or_refuses(qwen, tmp_path):
 @pytest.mark.parametrize("preset,layers,params", [("qwen2-vl-7b", 28, 8.29e9), ("qwen2.5-vl-7b", 28, 8.29e9)])
 def test_7b_presets_build_weightless_and_have_an_engine_adapter(preset, layers, params):
     from prunebench.engine.adapters import QwenVLAdapter, adapter_for
-    from prunebench.models.presets import build_random_model
+    from prunebench.profiling.presets import build_random_model
 
     model = build_random_model(preset, device="meta")
     adapter = adapter_for(model)

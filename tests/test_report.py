@@ -25,19 +25,12 @@ from rich.console import Console
 from prunebench.report import stats
 from prunebench.commands.main import main as cli
 from prunebench.report.plots import draw_all
-from prunebench.report.build import (
-    ReportError,
-    accuracy_table,
-    agreement_frame,
-    category_table,
-    compare_table,
-    group_label,
-    paper_metric,
-    print_summary,
-    render,
-    speed_table,
-    stats_table,
-)
+from prunebench.report.accuracy import accuracy_table, agreement_frame, category_table
+from prunebench.report.build import print_summary
+from prunebench.report.frames import ReportError, group_label, paper_metric
+from prunebench.report.significance import compare_table, stats_table
+from prunebench.report.speed import speed_table
+from prunebench.report.tables import render
 from prunebench.results import ResultStore
 
 G192, G64, G_ALL = "Retain 192 tokens (-66.7%)", "Retain 64 tokens (-88.9%)", "Unpruned (576 tokens)"

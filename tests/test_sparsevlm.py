@@ -19,7 +19,7 @@ from references import (
     record_stages,
 )
 
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.engine.method import MethodError, create_method
 
 TINY = "layers=0/1/2"

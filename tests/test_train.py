@@ -17,7 +17,7 @@ from conftest import make_images
 from prunebench.commands import main as cli
 from prunebench.training import trainer as train_module
 from prunebench.engine.adapters import adapter_for
-from prunebench.engine.budget import BudgetError
+from prunebench.budget import BudgetError
 from prunebench.engine.generate import DecodeConfig, PruningEngine
 from prunebench.engine.method import create_method
 from prunebench.models.tiny import PROMPT_TEMPLATE, TinyLlavaSpec, build_tiny_llava

@@ -10,7 +10,7 @@ from prunebench.methods.visionzip import split_budget
 from references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
 
 from prunebench.engine.adapters import BackboneError, LlavaAdapter
-from prunebench.engine.budget import BudgetError
+from prunebench.budget import BudgetError
 from prunebench.engine.method import MethodError, create_method
 
 N = 576

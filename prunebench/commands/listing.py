@@ -36,10 +36,10 @@ def model_table() -> Table:
     for name in BUILTIN_RANDOM:
         table.add_row(name, "LLaVA-1.5 geometry at toy width, random weights, built in code")
     table.add_row("<hub id | local dir>", "any LlavaForConditionalGeneration checkpoint in the local HF cache")
-    from prunebench.models.presets import preset_names
+    from prunebench.profiling.presets import preset_names
 
     for name in preset_names():
-        table.add_row(name, "real geometry with random weights, for `prunebench profile` (config in prunebench/presets)")
+        table.add_row(name, "real geometry with random weights, for `prunebench profile` (config in prunebench/profiling/presets)")
     return table
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from prunebench.engine.adapters import VisionOutput, adapter_for
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine.method import PRE_LLM, Method, MethodError, Stage
 from prunebench.engine.sequence import TokenLayout, normalise_keep
 from prunebench.engine.signals import StageContext

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from prunebench.engine.budget import Budget
+from prunebench.budget import Budget
 from prunebench.engine.sequence import PositionPolicy
-from prunebench.errors import MethodError, UserError
+from prunebench.errors import MethodError
 
 if TYPE_CHECKING:
     from prunebench.engine.signals import StageContext

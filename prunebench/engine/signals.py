@@ -7,14 +7,19 @@ rotary embedding (keys of already-run layers come straight from the KV cache).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import zlib
 from functools import cached_property
 
 import torch
 
 from prunebench.engine.adapters import Adapter, VisionOutput
-from prunebench.engine.method import MethodError, Stage
+from prunebench.errors import MethodError
 from prunebench.engine.sequence import TokenLayout
+
+if TYPE_CHECKING:
+    from prunebench.engine.method import Stage
 
 
 class StageContext:

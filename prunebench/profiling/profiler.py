@@ -45,7 +45,7 @@ import transformers
 from torch import nn
 
 from prunebench.models.backbones import BUILTIN as BUILTIN_BACKBONES
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine.generate import DecodeConfig, PruningEngine
 from prunebench.profiling.flops import (
     FORMULA,
@@ -62,7 +62,7 @@ from prunebench.profiling.flops import (
 from prunebench.engine.method import Method, MethodError, create_method, parse_method_list
 from prunebench.models.tiny import BUILTIN_RANDOM
 from prunebench.models.loading import cpu_dtype, load_model
-from prunebench.models.presets import (
+from prunebench.profiling.presets import (
     PresetError,
     build_random_model,
     check_engine_support,

@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from prunebench.report.build import (
+from prunebench.report.frames import (
     BASELINE,
     budget_order,
     group_label,

@@ -25,7 +25,7 @@ import torch
 
 from prunebench.run import distributed
 from prunebench.run import taskspec
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.errors import UserError
 from prunebench.engine.method import Method, MethodError, create_method, parse_method_list
 from prunebench.results import Record, RecordKey, ResultStore

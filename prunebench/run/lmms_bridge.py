@@ -20,7 +20,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 from prunebench.models.backbones import QWEN_IMAGE, QwenVLInputs
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.engine.generate import DecodeConfig, EncodedImages, PruningEngine
 from prunebench.engine.method import Method
 from prunebench.engine.timing import StageClock

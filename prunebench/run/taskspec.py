@@ -13,12 +13,10 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from prunebench.errors import UserError
+from prunebench.tasks import GENERATED
 
 ALIASES = {
     "textvqa": "textvqa_val",
@@ -34,32 +32,6 @@ PAPER_TASKS = ["gqa", "textvqa_val", "pope", "mme", "scienceqa_img", "mmbench_en
                "seedbench", "mmmu_val"]
 
 
-@dataclass(frozen=True)
-class GeneratedTask:
-    base: str  # the lmms-eval task whose prompts and metric it uses
-    generate: Callable[[int, int], Any]  # (n, seed) -> datasets.Dataset
-    size: int  # samples in the fixed evaluation set
-    seed: int
-    description: str
-
-
-def _generated(task: str) -> Callable[[int, int], Any]:
-    def generate(n: int, seed: int):
-        from prunebench.tasks.synthetic import task_dataset
-
-        return task_dataset(task, n, seed)
-
-    return generate
-
-
-GENERATED = {
-    "synth-gqa": GeneratedTask("prunebench_synth_gqa", _generated("synth-gqa"), 500, 2024,
-                               "GQA-like: colour, shape, left/right and count of small shapes, exact match"),
-    "synth-textvqa": GeneratedTask("prunebench_synth_textvqa", _generated("synth-textvqa"), 500, 2024,
-                                   "TextVQA-like: read a number or word printed 4 px high among shapes, exact match"),
-    "synth-pope": GeneratedTask("pope", _generated("synth-pope"), 500, 2024,
-                                "POPE-like: balanced yes/no existence of a coloured shape, POPE's metrics"),
-}
 FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from rich.console import Console
 from rich.progress import (
@@ -47,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prunebench.engine.adapters import LlavaAdapter, adapter_for
-from prunebench.engine.budget import Budget, BudgetError
+from prunebench.budget import Budget, BudgetError
 from prunebench.training.recipe import RECIPES, Recipe
 from prunebench.errors import UserError
 from prunebench.models.tiny import PROMPT_TEMPLATE

@@ -91,6 +91,6 @@ def check_engine_support(name: str) -> None:
         preset = resolve_preset(name)
         raise NotImplementedError(
             f"preset {preset!r} ({type(model).__name__}) cannot be profiled: {err}. Its config ships in "
-            f"prunebench/presets/{preset}.json; profiling it needs an adapter (prunebench/adapters.py) and a "
+            f"prunebench/profiling/presets/{preset}.json; profiling it needs an adapter (prunebench/adapters.py) and a "
             "FLOPs model (prunebench/flops.py) for its architecture."
         ) from None

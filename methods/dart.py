@@ -24,16 +24,17 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prunebench.budget import Budget, BudgetError
-from prunebench.engine.method import (
+from prunebench import (
+    Budget,
+    BudgetError,
     Method,
     MethodError,
     PositionPolicy,
     Selection,
     Stage,
+    StageContext,
     register_method,
 )
-from prunebench.engine.signals import StageContext
 
 
 @register_method

@@ -20,8 +20,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from prunebench.engine.method import Method, Selection, register_method
-from prunebench.engine.signals import StageContext
+from prunebench import Method, Selection, StageContext, register_method
 
 
 @register_method

@@ -20,16 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunebench.budget import Budget
-from prunebench.engine.method import (
+from prunebench import (
+    Budget,
     Method,
     MethodError,
     PositionPolicy,
     Selection,
     Stage,
+    StageContext,
     register_method,
 )
-from prunebench.engine.signals import StageContext
 
 
 @register_method

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunebench.engine.method import register_method
-from prunebench.training.selectors import CheckpointSelector
+from prunebench import CheckpointSelector, register_method
 
 
 @register_method

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from prunebench.budget import Budget
-from prunebench.engine.method import Method, Stage, register_method
+from prunebench import Budget, Method, Stage, register_method
 
 
 @register_method

@@ -33,16 +33,17 @@ from typing import ClassVar
 
 import torch
 
-from prunebench.budget import Budget, layer_averaged_counts
-from prunebench.engine.method import (
+from prunebench import (
+    Budget,
     Method,
     MethodError,
     PositionPolicy,
     Selection,
     Stage,
+    StageContext,
+    layer_averaged_counts,
     register_method,
 )
-from prunebench.engine.signals import StageContext
 
 
 @register_method

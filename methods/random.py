@@ -7,8 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from prunebench.engine.method import Method, Selection, register_method
-from prunebench.engine.signals import StageContext
+from prunebench import Method, Selection, StageContext, register_method
 
 
 @register_method

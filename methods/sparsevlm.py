@@ -45,17 +45,18 @@ from typing import ClassVar, Literal
 
 import torch
 
-from prunebench.budget import Budget, layer_averaged_counts
-from prunebench.engine.method import (
+from prunebench import (
     PRE_LLM,
+    Budget,
     Method,
     MethodError,
     PositionPolicy,
     Selection,
     Stage,
+    StageContext,
+    layer_averaged_counts,
     register_method,
 )
-from prunebench.engine.signals import StageContext
 
 PUBLISHED = {
     "1.5": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},

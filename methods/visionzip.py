@@ -24,16 +24,17 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prunebench.budget import Budget, BudgetError
-from prunebench.engine.method import (
+from prunebench import (
     PRE_LLM,
+    Budget,
+    BudgetError,
     Method,
     MethodError,
     Selection,
     Stage,
+    StageContext,
     register_method,
 )
-from prunebench.engine.signals import StageContext
 
 CONTEXTUAL_RATIO = 10 / 64  # published: 10 of 64, 20 of 128, 30 of 192
 

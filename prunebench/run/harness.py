@@ -46,7 +46,7 @@ def default_methods(model: str) -> str:
 
 def default_batch_size(model: str) -> int:
     """16 on the built-in model (its samples are tiny; answers do not depend on the batch, see
-    tests/test_batching.py); 1 elsewhere, so that timings are per-request latencies."""
+    tests/engine/test_batching.py); 1 elsewhere, so that timings are per-request latencies."""
     return 16 if model == DEFAULT_MODEL else 1
 
 

@@ -3,12 +3,12 @@ per image), M-RoPE positions, and the vision tower's merger as the projector."""
 
 from __future__ import annotations
 
-import helpers_methods  # noqa: F401  (registers the test methods)
 import pytest
+import support.methods  # noqa: F401  (registers the test methods)
 import torch
-from conftest import build_backbone, run
-from helpers_methods import Probe, pattern
-from references import (
+from support.methods import Probe, pattern
+from support.models import build_backbone, run
+from support.references import (
     MAX_NEW,
     STEPS,
     assert_every_method_runs_or_refuses,

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run, single
 from prunebench.methods.visionzip import split_budget
-from references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
+from support.models import run, single
+from support.references import (
+    MAX_NEW,
+    assert_batch_equals_each_alone,
+    assert_matches,
+    eos_of,
+)
 
-from prunebench.engine.adapters import BackboneError, LlavaAdapter
 from prunebench.budget import BudgetError
+from prunebench.engine.adapters import BackboneError, LlavaAdapter
 from prunebench.engine.method import MethodError, create_method
 
 N = 576

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import helpers_methods  # noqa: F401  (registers the test methods)
 import pytest
+import support.methods  # noqa: F401  (registers the test methods)
 import torch
-from conftest import single
+from support.models import single
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunebench.budget import Budget
 from prunebench.engine.generate import PruningEngine
+from prunebench.engine.method import create_method
+from prunebench.engine.timing import StageClock
 from prunebench.profiling.flops import (
     DecoderGeometry,
     decode_flops_per_step,
@@ -20,9 +22,7 @@ from prunebench.profiling.flops import (
     vision_flops,
     visual_tokens_per_image,
 )
-from prunebench.engine.method import create_method
 from prunebench.profiling.presets import preset_config
-from prunebench.engine.timing import StageClock
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from prunebench.tasks import synthetic as world
 from rich.console import Console
 
 from prunebench.engine.adapters import LlavaAdapter
-from prunebench.training.recipe import Recipe, Trainer, _causal_only, train
 from prunebench.models.loading import ASSETS, BUILTIN_TRAINED, load_model
 from prunebench.models.tiny import BUILTIN_SPEC, PROMPT_TEMPLATE
 from prunebench.run.taskspec import GENERATED
+from prunebench.training.recipe import Recipe, Trainer, _causal_only, train
 
 
 def _digest(rows: list[dict]) -> str:
@@ -179,8 +179,12 @@ def test_random_pruning_to_64_tokens_loses_every_task(task, shipped_score):
 
 @needs_shipped
 def test_default_methods_are_every_method_and_need_no_arguments_on_the_shipped_model():
+    from prunebench.engine.method import (
+        available_methods,
+        create_method,
+        parse_method_list,
+    )
     from prunebench.run.harness import DEFAULT_MODEL, default_methods
-    from prunebench.engine.method import available_methods, create_method, parse_method_list
 
     shipped = {name for name, cls in available_methods().items() if cls.__module__.startswith("prunebench.methods.")}
     on_builtin = [create_method(spec) for spec in parse_method_list(default_methods(DEFAULT_MODEL))]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images
+from support.models import make_images
 
 from prunebench.commands.main import main
 from prunebench.results import ResultStore
@@ -260,8 +260,8 @@ def test_loglikelihood_requests_score_the_continuation_on_the_engine(tiny, engin
     from lmms_eval.api.instance import Instance
 
     from prunebench.budget import Budget
-    from prunebench.run.lmms_bridge import PrunedVLM
     from prunebench.engine.method import create_method
+    from prunebench.run.lmms_bridge import PrunedVLM
 
     _, processor = tiny
     image = make_images(1)[0]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 
-import helpers_methods  # noqa: F401  (registers test-probe)
 import pytest
+import support.methods  # noqa: F401  (registers the test methods)
 import torch
-from conftest import run, single
-from helpers_methods import Probe
 from prunebench.methods.sparsevlm import dpc_knn_merge
-from references import (
+from support.methods import Probe
+from support.models import run, single
+from support.references import (
     EagerView,
     assert_batch_equals_each_alone,
     assert_keep_all_is_generate,

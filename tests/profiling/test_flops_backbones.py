@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_backbone, make_image
+from support.models import build_backbone, make_image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import (
@@ -16,15 +16,17 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
 )
 
+from prunebench.budget import Budget
 from prunebench.commands import main as cli
-from prunebench.profiling import presets
-from prunebench.profiling import profiler
+from prunebench.engine.method import create_method
+from prunebench.engine.timing import StageClock
 from prunebench.models.backbones import (
     NEXT_PROMPT_TEMPLATE,
     QWEN_PROMPT_TEMPLATE,
     QwenVLInputs,
 )
-from prunebench.budget import Budget
+from prunebench.models.tiny import build_tokenizer
+from prunebench.profiling import presets, profiler
 from prunebench.profiling.flops import (
     DecoderGeometry,
     image_tokens,
@@ -34,11 +36,8 @@ from prunebench.profiling.flops import (
     qwen_windows,
     vision_flops,
 )
-from prunebench.engine.method import create_method
-from prunebench.models.tiny import build_tokenizer
 from prunebench.profiling.presets import preset_config
 from prunebench.results import ResultStore
-from prunebench.engine.timing import StageClock
 
 CPU = torch.device("cpu")
 PEAKS = profiler.DevicePeaks(flops_per_s=1e11, bytes_per_s=1e10)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import helpers_methods  # noqa: F401
 import pytest
+import support.methods  # noqa: F401  (registers the test methods)
 import torch
-from conftest import run, single
-from helpers_methods import Probe, pattern
-from references import STEPS, slow_reference
+from support.methods import Probe, pattern
+from support.models import run, single
+from support.references import STEPS, slow_reference
 
 from prunebench.engine.method import create_method
 

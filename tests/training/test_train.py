@@ -12,17 +12,17 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import make_images
+from support.models import make_images
 
-from prunebench.commands import main as cli
-from prunebench.training import trainer as train_module
-from prunebench.engine.adapters import adapter_for
 from prunebench.budget import BudgetError
+from prunebench.commands import main as cli
+from prunebench.engine.adapters import adapter_for
 from prunebench.engine.generate import DecodeConfig, PruningEngine
 from prunebench.engine.method import create_method
 from prunebench.models.tiny import PROMPT_TEMPLATE, TinyLlavaSpec, build_tiny_llava
-from prunebench.training.selectors import CheckpointError, load_selector
+from prunebench.training import trainer as train_module
 from prunebench.training.losses import autoselect_loss, vision_features, vlm_loss
+from prunebench.training.selectors import CheckpointError, load_selector
 from prunebench.training.trainer import (
     CAPTION_PROMPT,
     BuiltinQuestions,

@@ -3,13 +3,13 @@ batched = alone; kept counts follow the official arithmetic; the final-norm sign
 
 from __future__ import annotations
 
-import helpers_methods  # noqa: F401  (registers test-probe)
 import pytest
+import support.methods  # noqa: F401  (registers the test methods)
 import torch
 import torch.nn.functional as F
-from conftest import run, single
-from helpers_methods import Probe
-from references import (
+from support.methods import Probe
+from support.models import run, single
+from support.references import (
     assert_batch_equals_each_alone,
     assert_keep_all_is_generate,
     slow_reference,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import helpers_methods  # noqa: F401  (registers the test methods)
 import pytest
+import support.methods  # noqa: F401  (registers the test methods)
 import torch
-from conftest import run, single
-from references import MAX_NEW, assert_matches, eos_of, until_eos
+from support.models import run, single
+from support.references import MAX_NEW, assert_matches, eos_of, until_eos
 
 from prunebench.engine.generate import DecodeConfig, PruningEngine
 from prunebench.engine.method import create_method

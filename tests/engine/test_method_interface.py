@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-import helpers_methods  # noqa: F401
 import pytest
-from conftest import run
+import support.methods  # noqa: F401  (registers the test methods)
+from support.models import run
 
 from prunebench.budget import Budget, BudgetError
 from prunebench.engine.method import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run
-from references import MAX_NEW, assert_batch_equals_each_alone
+from support.models import run
+from support.references import MAX_NEW, assert_batch_equals_each_alone
 
 from prunebench.engine.method import MethodError, create_method
 from prunebench.training.selectors import (

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run, single
-from references import (
+from support.models import run, single
+from support.references import (
     assert_batch_equals_each_alone,
     assert_keep_all_is_generate,
     slow_reference,

@@ -4,7 +4,7 @@
 ``write_example_store``: a paper-sized layout (6 tasks x 5 methods x 3 budgets) with synthetic
 per-sample answers, used for the example outputs in reports/example/ and the plot tests:
 
-    python tests/helpers_report.py reports/example
+    python tests/support/stores.py reports/example
 """
 
 from __future__ import annotations

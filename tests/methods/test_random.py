@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import run
+from support.models import run
 
 from prunebench.engine.method import create_method
 

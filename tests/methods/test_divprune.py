@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run
 from prunebench.methods.divprune import max_min_diverse
-from references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
+from support.models import run
+from support.references import (
+    MAX_NEW,
+    assert_batch_equals_each_alone,
+    assert_matches,
+    eos_of,
+)
 
 from prunebench.engine.method import create_method
 

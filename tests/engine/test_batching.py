@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import helpers_methods  # noqa: F401
 import pytest
-from references import assert_batch_equals_each_alone
+import support.methods  # noqa: F401  (registers the test methods)
+from support.references import assert_batch_equals_each_alone
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,9 @@ from PIL import Image
 from prunebench.budget import Budget
 from prunebench.commands.main import main
 from prunebench.engine.generate import PruningEngine
-from prunebench.run.lmms_bridge import PrunedVLM
 from prunebench.models.loading import load_model
 from prunebench.results import ResultStore
+from prunebench.run.lmms_bridge import PrunedVLM
 
 pytest.importorskip("lmms_eval")
 

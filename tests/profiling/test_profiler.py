@@ -8,17 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import helpers_methods  # noqa: F401  (registers the test methods)
 import numpy as np
 import pytest
+import support.methods  # noqa: F401  (registers the test methods)
 import torch
 
 import prunebench.engine.timing
-from prunebench.commands import main as cli
-from prunebench.profiling import presets
-from prunebench.profiling import profiler
 from prunebench.budget import Budget, BudgetError
+from prunebench.commands import main as cli
 from prunebench.engine.generate import PruningEngine
+from prunebench.engine.method import PRE_LLM, Method, Selection, Stage, create_method
+from prunebench.profiling import presets, profiler
 from prunebench.profiling.flops import (
     DecoderGeometry,
     kv_cache_bytes,
@@ -26,7 +26,6 @@ from prunebench.profiling.flops import (
     roofline_ms,
     visual_tokens_per_image,
 )
-from prunebench.engine.method import PRE_LLM, Method, Selection, Stage, create_method
 from prunebench.profiling.presets import (
     build_random_model,
     check_engine_support,
@@ -279,7 +278,7 @@ def test_other_presets_ship_their_geometry_and_can_be_profiled(name, cls, layers
     assert type(model).__name__ == cls
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.002)
     assert PruningEngine(model).adapter.num_layers == layers
-    check_engine_support(name)  # an adapter and a FLOPs model: no refusal (tests/test_flops_backbones.py runs them)
+    check_engine_support(name)  # an adapter and a FLOPs model: no refusal (tests/profiling/test_flops_backbones.py runs them)
 
 
 def test_preset_names_and_hub_ids_resolve():

@@ -11,7 +11,9 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from helpers_report import (
+from matplotlib.image import imread
+from rich.console import Console
+from support.stores import (
     FIXTURE_DEVICE,
     TINY_MODEL,
     _record,
@@ -19,15 +21,13 @@ from helpers_report import (
     write_example_store,
     write_tiny_store,
 )
-from matplotlib.image import imread
-from rich.console import Console
 
-from prunebench.report import stats
 from prunebench.commands.main import main as cli
-from prunebench.report.plots import draw_all
+from prunebench.report import stats
 from prunebench.report.accuracy import accuracy_table, agreement_frame, category_table
 from prunebench.report.build import print_summary
 from prunebench.report.frames import ReportError, group_label, paper_metric
+from prunebench.report.plots import draw_all
 from prunebench.report.significance import compare_table, stats_table
 from prunebench.report.speed import speed_table
 from prunebench.report.tables import render

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run, single
 from prunebench.methods.pyramiddrop import layer_averaged_counts
-from references import (
+from support.models import run, single
+from support.references import (
     EagerView,
     assert_batch_equals_each_alone,
     assert_keep_all_is_generate,

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from conftest import run, single
 
 from prunebench.engine.method import Method, create_method
+from support.models import run, single
 
 MAX_NEW = 6  # new tokens for the keep-all-is-generate checks
 STEPS = 5  # decode steps of slow_reference

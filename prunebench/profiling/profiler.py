@@ -32,16 +32,13 @@ import argparse
 import platform
 import resource
 import shlex
-import socket
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 
 from prunebench.models.backbones import BUILTIN as BUILTIN_BACKBONES
@@ -69,7 +66,7 @@ from prunebench.profiling.presets import (
     preset_names,
     resolve_preset,
 )
-from prunebench.results import Record, RecordKey, ResultStore
+from prunebench.results import Record, RecordKey, ResultStore, cell_fields, provenance
 from prunebench.engine.timing import StageClock
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -350,39 +347,29 @@ def cell_record(
         ),
         kind="profile",
         n_samples=settings.repeats * batch,
-        method_options={f.name: getattr(method, f.name) for f in method.options()},
-        stage=method.stage,
-        position_policy=method.positions,
-        visual_tokens={  # the keys eval records use
-            "nominal": budget.tokens if budget.tokens and budget.tokens > 0 else None,
-            "mean_kept": visual[:, -1].float().mean().item(),
-            "equivalent": visual.float().mean().item(),
-            "original": n_visual.float().mean().item(),
-        },
+        **cell_fields(method, budget, kept=visual[:, -1].float().mean().item(), equivalent=visual.float().mean().item(),
+                      original=n_visual.float().mean().item()),
         timing=timing,
-        provenance={
-            "device": device_name(device),
-            "device_type": device.type,
-            "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
-            "dtype": str(engine.model.dtype).removeprefix("torch."),
-            "batch_size": batch,
-            "prompt_tokens": settings.prompt_tokens,
-            "sequence_tokens": int(inputs["input_ids"].shape[1]),
+        provenance=provenance(
+            device=device_name(device),
+            dtype=str(engine.model.dtype).removeprefix("torch."),
+            command="",  # set by the caller, which knows the command line
+            device_type=device.type,
+            timer="cuda events" if device.type == "cuda" else "time.perf_counter",
+            batch_size=batch,
+            prompt_tokens=settings.prompt_tokens,
+            sequence_tokens=int(inputs["input_ids"].shape[1]),
             **({"image_size": image} if dynamic else {}),
-            "warmup": settings.warmup,
-            "repeats": settings.repeats,
-            "decode_tokens": settings.decode_tokens,
-            "peak_tflops_per_s": peaks.flops_per_s / 1e12,
-            "peak_bandwidth_gbs": peaks.bytes_per_s / 1e9,
-            "peak_memory": memory_kind,
-            "flops_formula": FORMULA,
-            "roofline_bytes": ROOFLINE_BYTES,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(),
-            "host": socket.gethostname(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            decode_tokens=settings.decode_tokens,
+            peak_tflops_per_s=peaks.flops_per_s / 1e12,
+            peak_bandwidth_gbs=peaks.bytes_per_s / 1e9,
+            peak_memory=memory_kind,
+            flops_formula=FORMULA,
+            roofline_bytes=ROOFLINE_BYTES,
+            threads=torch.get_num_threads(),
+        ),
     )
 
 

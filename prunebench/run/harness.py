@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -28,7 +24,7 @@ from prunebench.run import taskspec
 from prunebench.budget import Budget, BudgetError
 from prunebench.errors import UserError
 from prunebench.engine.method import Method, MethodError, create_method, parse_method_list
-from prunebench.results import Record, RecordKey, ResultStore
+from prunebench.results import Record, RecordKey, ResultStore, cell_fields, cpu_name, provenance
 
 # the trained tiny LLaVA shipped in prunebench/assets (README "Status" gives its accuracy)
 DEFAULT_MODEL = "builtin:tiny-llava"
@@ -290,15 +286,8 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
         metrics=metrics,
         primary_metric=primary,
         n_samples=len(samples),
-        method_options={f.name: getattr(cell.method, f.name) for f in cell.method.options()},
-        stage=cell.method.stage,
-        position_policy=cell.method.positions,
-        visual_tokens={
-            "nominal": cell.budget.tokens if cell.budget.tokens and cell.budget.tokens > 0 else None,
-            "mean_kept": mean(s.visual_tokens[-1] for s in stats),
-            "equivalent": mean(mean(s.visual_tokens) for s in stats),
-            "original": mean(s.n_visual for s in stats),
-        },
+        **cell_fields(cell.method, cell.budget, kept=mean(s.visual_tokens[-1] for s in stats),
+                      equivalent=mean(mean(s.visual_tokens) for s in stats), original=mean(s.n_visual for s in stats)),
         timing=_timing(stats),
         # batches whose vision output (and its measured time) came from an earlier cell of the run
         provenance={**provenance, "lmms_eval_task": result_name, "vision_reused_batches": cache.hits - reused_before},
@@ -355,32 +344,12 @@ def _device(name: str, world: distributed.World) -> str:
 
 
 def _provenance(args, device: str, dtype: str) -> dict:
-    import importlib.metadata as md
-
-    def version(pkg: str) -> str | None:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    return {
-        "git_commit": _git_commit(),
-        "versions": {p: version(p) for p in ("prunebench", "torch", "transformers", "lmms_eval")},
-        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else (platform.processor() or platform.machine()),
-        "dtype": dtype,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "vision_cache_mb": args.vision_cache_mb,
-        "world_size": distributed.current().size,
-        "command": shlex.join(["prunebench", *getattr(args, "argv", sys.argv[1:])]),
-        "host": socket.gethostname(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
+    return provenance(
+        device=torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
+        dtype=dtype,
+        command=shlex.join(["prunebench", *getattr(args, "argv", sys.argv[1:])]),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        vision_cache_mb=args.vision_cache_mb,
+        world_size=distributed.current().size,
+    )

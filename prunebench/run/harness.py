@@ -13,7 +13,7 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 
@@ -50,29 +50,25 @@ DEFAULT_TASKS = "synth-gqa,synth-textvqa,synth-pope"
 DEFAULT_BUDGETS = "192,128,64"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local dir, or built-in name (default {DEFAULT_MODEL})")
-    parser.add_argument("--methods", default=None,
-                        help=f"comma list, options as name:key=value (default on {DEFAULT_MODEL}: {BUILTIN_METHODS}; "
-                             f"on other models: {TRAINING_FREE_METHODS})")
-    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="lmms-eval task names, aliases or prunebench tasks (default %(default)s)")
-    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="visual tokens kept: counts (64) or fractions (0.25, 25%%)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each task")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"samples per forward pass (default: 16 on {DEFAULT_MODEL}, 1 on other models)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: fp16 on GPU; on CPU bf16 where "
-                        "the CPU has bf16 units (AMX, AVX512-BF16), else fp32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", default="results", help="results store directory (default %(default)s)")
-    parser.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
-                        help="run TASK on a local parquet/json/csv file, keeping its prompts and metrics")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap every task's answer length (smoke runs)")
-    parser.add_argument("--force", action="store_true", help="recompute cells that already have a record")
-    parser.add_argument("--vision-cache-mb", type=int, default=None,
-                        help="keep each batch's processed inputs and vision-tower output for the task's later cells, "
-                             "up to this many MB (default: 2048 on CPU, 0 on GPU, where the tower is a small share "
-                             "of the time and the memory is the model's); 0 runs the tower in every cell")
+@dataclass
+class RunSettings:
+    """Everything `prunebench run` needs; the command line fills it (prunebench.commands.run)."""
+
+    model: str = DEFAULT_MODEL
+    methods: str | None = None  # comma list of method specs; None: default_methods(model)
+    tasks: str = DEFAULT_TASKS
+    budgets: str = DEFAULT_BUDGETS
+    limit: int | None = None
+    batch_size: int | None = None  # None: default_batch_size(model)
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    results: str = "results"
+    task_data: list[str] = field(default_factory=list)  # TASK=PATH items
+    max_new_tokens: int | None = None
+    force: bool = False
+    vision_cache_mb: int | None = None  # None: 0 on GPU, 2048 on CPU
+    argv: list[str] = field(default_factory=list)  # the command line, recorded in provenance
 
 
 @dataclass(frozen=True)
@@ -127,7 +123,8 @@ def _visual_token_bound(engine, processor) -> tuple[int, bool]:
     return max_image_tokens(config, getattr(processor, "image_processor", None)), config.model_type != "llava"
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: RunSettings) -> list[Record]:
+    """Plan, check and run every cell; returns the records of this run's cells (cached or computed)."""
     from rich.console import Console
 
     world = distributed.current()
@@ -210,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
 
         print_summary(finished, store, Console())
     distributed.finish(world)
-    return 0
+    return finished
 
 
 def _check_stored_dtypes(store: ResultStore, keys: list[RecordKey], dtype: str) -> None:
@@ -347,7 +344,7 @@ def _provenance(args, device: str, dtype: str) -> dict:
     return provenance(
         device=torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
         dtype=dtype,
-        command=shlex.join(["prunebench", *getattr(args, "argv", sys.argv[1:])]),
+        command=shlex.join(["prunebench", *(args.argv or sys.argv[1:])]),
         seed=args.seed,
         batch_size=args.batch_size,
         vision_cache_mb=args.vision_cache_mb,

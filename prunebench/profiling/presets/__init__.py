@@ -27,10 +27,12 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from prunebench.engine.adapters import adapter_for
 
+from prunebench.errors import UserError
+
 PRESET_DIR = Path(__file__).parent
 
 
-class PresetError(ValueError):
+class PresetError(UserError, ValueError):
     """An unknown preset name."""
 
 

@@ -9,7 +9,6 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from prunebench.errors import ModelNotFoundError, UserError
-from prunebench.models import backbones
 from prunebench.models.tiny import BUILTIN_RANDOM, BUILTIN_SPEC, build_processor, build_tiny_llava, build_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
@@ -20,6 +19,7 @@ BUILTIN_TRAINED = {"builtin:tiny-llava": ASSETS / "tiny-llava"}
 def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
     """(model, processor) for ``random:tiny-llava``, a hub id, or a local directory."""
     torch_dtype = _dtype(dtype)
+    from prunebench.models import backbones  # LLaVA-NeXT and Qwen-VL: their processors need newer transformers
 
     if backbones.handles(name):
         return backbones.load(name, device, torch_dtype)

@@ -27,7 +27,7 @@ from prunebench.engine.method import Method, MethodError, create_method, parse_m
 from prunebench.run.console import LOG_NAME, RunProgress, lmms_eval_output
 from prunebench.results import Record, RecordKey, ResultStore, cell_fields, cpu_name, provenance
 
-# the trained tiny LLaVA shipped in prunebench/assets (README "Status" gives its accuracy)
+# the trained tiny LLaVA shipped in prunebench/models/assets (README "Status" gives its accuracy)
 DEFAULT_MODEL = "builtin:tiny-llava"
 # on the default model: every method, in-LLM stages moved early enough that its 4-layer decoder
 # meets K = 64, the learned selectors from the checkpoints shipped for it

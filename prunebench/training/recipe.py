@@ -1,6 +1,6 @@
 """The built-in tiny LLaVA (``builtin:tiny-llava``): the recipe that trains it from scratch.
 
-    prunebench train tiny-llava --out prunebench/assets/tiny-llava
+    prunebench train tiny-llava --out prunebench/models/assets/tiny-llava
 
 The model is LLaVA-1.5's architecture at toy width (models.BUILTIN_SPEC): a CLIP tower on 96-px
 images with 4-px patches (576 visual tokens, LLaVA-1.5's count), an MLP projector and a Llama

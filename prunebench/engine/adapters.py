@@ -44,6 +44,8 @@ class VisionOutput:
     embeds: torch.Tensor | None = None  # (B, n_max, D) LLM tokens, when the backbone builds them itself
     no_features: str | None = None  # why ``features`` is missing
     no_tower_signals: str | None = None  # why the vision tower's attention/keys/hidden are not offered
+    grid: list[tuple[int, int]] | None = None  # per sample, (rows, columns) of its visual tokens in row-major order
+    no_grid: str | None = None  # why ``grid`` is missing
 
 
 def _module_rotary(layer: nn.Module):
@@ -123,6 +125,8 @@ class Adapter:
 class LlavaAdapter(Adapter):
     """LLaVA-1.5: CLIP vision tower -> MLP projector -> Llama-family decoder."""
 
+    CLS_IN_GRID = "vision_feature_select_strategy 'full' puts the CLS token before the patch grid"
+
     def __init__(self, model: nn.Module):
         inner = model.model
         super().__init__(model, inner.language_model, model.config.image_token_id)
@@ -160,7 +164,10 @@ class LlavaAdapter(Adapter):
         features, offset = hidden, 0
         if self.select_strategy == "default":
             features, offset = features[:, 1:], 1
-        return VisionOutput([features.shape[1]] * features.shape[0], features, tuple(states), offset)
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        grid, no_grid = ([(side, side)] * features.shape[0], None) if offset else (None, self.CLS_IN_GRID)
+        return VisionOutput([features.shape[1]] * features.shape[0], features, tuple(states), offset,
+                            grid=grid, no_grid=no_grid)
 
     def vision_hidden(self, vision: VisionOutput, index: int) -> torch.Tensor:
         """``hidden_states[index]`` of the whole tower (negative: counted from its end), which enters
@@ -209,6 +216,11 @@ class LlavaNextAdapter(Adapter):
         "no vision feature, and its vision tower runs per crop (base image + anyres crops), so "
         "pre-projector features, the CLS token's attention and vision-tower keys do not map onto the "
         "packed tokens; use a method that scores the projected tokens or the LLM's attention"
+    )
+
+    NO_GRID = (
+        "LLaVA-NeXT's packed tokens are a base-image grid followed by unpadded anyres crops with one "
+        "newline token per row, not one row-major grid"
     )
 
     def __init__(self, model: nn.Module):
@@ -280,12 +292,14 @@ class QwenVLAdapter(Adapter):
             window, _ = get_vision_window_index(image_grid_thw, config.spatial_merge_size, config.window_size, config.patch_size)
             grouped = grouped[torch.argsort(window.to(grouped.device))]
         counts = (image_grid_thw.prod(-1) // self.merge_unit).tolist()
+        merge = self.visual.spatial_merge_size
         return VisionOutput(
             counts=counts,
             features=_pad_rows(list(grouped.split(counts))),
             hidden_states=None,
             embeds=_pad_rows(list(out.pooler_output.split(counts))),
             no_tower_signals=self.NO_TOWER_SIGNALS,
+            grid=[(int(h) // merge, int(w) // merge) for _, h, w in image_grid_thw.tolist()],
         )
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

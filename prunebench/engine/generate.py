@@ -294,6 +294,9 @@ class PruningEngine:
         )
         selection = method.select(ctx)
         keep = normalise_keep(selection.keep, layout.n_visual, ctx.keep, method.name)
+        built = sum(t.shape[1] for t in (selection.leading, selection.merged) if t is not None)
+        if built == 0 and min(len(row) for row in keep) == 0:  # a stage may keep 0 tokens only if it builds some
+            raise MethodError(f"method {method.name!r} left a sample with no visual token (kept 0, built none)")
         return layout.prune(hidden, keep, selection.merged, method.positions, selection.leading)
 
     def _open_group(self, run: _PrefillRun, layout: TokenLayout, hidden: torch.Tensor, index: int) -> None:
@@ -398,8 +401,8 @@ class PruningEngine:
             )
         for n, stages in zip(n_visual, per_sample):
             counts = [n] + [s.keep for s in stages]
-            if any(k < 1 for k in counts[1:]) or any(a < b for a, b in itertools.pairwise(counts)):
-                raise MethodError(f"method {method.name!r}: schedule {stages} for {n} tokens must keep 1..{n}, non-increasing")
+            if any(k < 0 for k in counts[1:]) or any(a < b for a, b in itertools.pairwise(counts)):
+                raise MethodError(f"method {method.name!r}: schedule {stages} for {n} tokens must keep 0..{n}, non-increasing")
         return [list(row) for row in zip(*per_sample)]
 
     def _check_image_tokens(self, layout: TokenLayout, image_counts: list[int]) -> None:

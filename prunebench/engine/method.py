@@ -37,6 +37,10 @@ from prunebench.engine.sequence import PositionPolicy
 from prunebench.errors import MethodError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from PIL import Image
+
     from prunebench.engine.signals import StageContext
 
 PRE_LLM = None  # Stage.layer of the pre-LLM stage: after the projector, before decoder layer 0
@@ -83,6 +87,13 @@ class Method:
 
     def select(self, ctx: StageContext) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} does not implement select()")
+
+    def resize_image(self, image: Image.Image, budget: Budget, tokens_at: Callable[[int, int], int]) -> Image.Image | None:
+        """For a method that acts before the processor: the image the model should see instead of
+        ``image`` at ``budget``; ``tokens_at(height, width)`` is the visual-token count the model's
+        processor gives an image of that size. The caller (prunebench run) then encodes the returned
+        image and runs the engine with budget ``all``. Default None: the image goes in unchanged."""
+        return None
 
     # -- description -------------------------------------------------------------------------
     @classmethod

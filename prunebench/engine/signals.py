@@ -143,6 +143,15 @@ class StageContext:
         """``(B, N, D)`` projector output, all original patches."""
         return self._image_embeds
 
+    @property
+    def token_grid(self) -> list[tuple[int, int]]:
+        """Per sample, (rows, columns) of the image's visual tokens, which lie in row-major order
+        (LLaVA-1.5: 24 x 24; Qwen2-VL: the merged grid). Describes the tokens as encoded, before
+        any stage pruned them."""
+        if self._vision.grid is None:
+            raise MethodError(f"the visual tokens form no single 2-D grid on this backbone: {self._vision.no_grid}")
+        return self._vision.grid
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The model's projector: vision features ``(B, M, d_v)`` -> LLM tokens ``(B, M, D)``
         (for methods that merge before the projector and hand back ``Selection.merged``)."""

@@ -7,11 +7,11 @@ positions (UniPruneBench's "Pool" baseline, which pools InternVL's projected tok
 ``space=projected`` (default, as UniPruneBench) pools the LLM-input tokens; ``space=vision`` pools
 the vision features and projects the result.
 
-K -> grid (``grid``): ``exact`` takes the most square factorisation h x w = K with h <= w
-(64 = 8 x 8, 128 = 8 x 16, 192 = 12 x 16, 144 = 12 x 12) and refuses a K whose best one is more
-than 2:1 (a prime K, say) or wider than the token grid; ``square`` takes the largest square
-s x s <= K (64 = 8 x 8, 128 = 11 x 11 = 121, 192 = 13 x 13 = 169) and so keeps fewer than K.
-Either way the engine counts the tokens the LLM really sees. Budget ``all`` pools the grid onto
+K -> grid (``grid``): ``fit`` takes the h x w grid with the most cells <= K whose sides are at most
+2:1 and within the token grid, the squarest among equals, wide on a square source (64 = 8 x 8,
+128 = 8 x 16, 192 = 12 x 16, 144 = 12 x 12, 97 -> 8 x 12 = 96); ``square`` takes the largest
+s x s <= K (128 -> 11 x 11 = 121, 192 -> 13 x 13 = 169). Either way the engine counts the tokens
+the LLM really sees (fewer than K where K has no such grid). Budget ``all`` pools the grid onto
 itself, which is the identity.
 
 ``mode=resize`` (dynamic-resolution towers: Qwen2-VL / Qwen2.5-VL): VTC-Bench's downsampling.
@@ -33,28 +33,25 @@ import torch.nn.functional as F
 
 from prunebench import PRE_LLM, Budget, BudgetError, Method, MethodError, Selection, Stage, StageContext, register_method
 
-MAX_ASPECT = 2  # exact grids: at most 2:1, else the pooled cells are far from square
+MAX_ASPECT = 2  # pooled grids at most 2:1, so a pooled cell stays near square
 
 
 @dataclass(frozen=True)
 class PoolStage(Stage):
-    """Keep none of the tokens, build ``target`` (rows, columns) pooled ones; None: the image's own grid."""
+    """Keep none of the tokens, build about ``tokens`` pooled ones (None: the image's own grid)."""
 
-    target: tuple[int, int] | None = None
+    tokens: int | None = None
 
 
-def pool_grid(k: int, grid: Literal["exact", "square"]) -> tuple[int, int]:
-    """(rows, columns) of the pooled grid for budget ``k``."""
-    side = math.isqrt(k)
+def pool_grid(k: int, grid: Literal["fit", "square"], rows: int, cols: int) -> tuple[int, int]:
+    """(h, w) of the pooled grid for budget ``k`` on a ``rows`` x ``cols`` token grid."""
     if grid == "square":
+        side = min(math.isqrt(k), rows, cols)
         return side, side
-    rows = max(d for d in range(1, side + 1) if k % d == 0)
-    if k // rows > MAX_ASPECT * rows:
-        raise BudgetError(
-            f"pool: K={k} has no h x w = K grid closer to square than {rows} x {k // rows}; choose a K such "
-            f"as {side * side} or {side * (side + 1)}, or pool:grid=square ({side} x {side})"
-        )
-    return rows, k // rows
+    shapes = [(h, w) for h in range(1, rows + 1) for w in range(1, cols + 1)
+              if h * w <= k and max(h, w) <= MAX_ASPECT * min(h, w)]
+    # most tokens, then the squarest, then the source's orientation (wide on a wide or square grid)
+    return max(shapes, key=lambda s: (s[0] * s[1], -abs(s[0] - s[1]), (s[1] >= s[0]) == (cols >= rows)))
 
 
 def average_pool(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
@@ -72,7 +69,7 @@ class Pool(Method):
     name: ClassVar[str] = "pool"
     stage: ClassVar[str] = "pre"
     mode: Literal["tokens", "resize"] = "tokens"  # tokens: fixed-grid towers; resize: Qwen-VL (VTC-Bench)
-    grid: Literal["exact", "square"] = "exact"  # K -> pooled grid (see the module note)
+    grid: Literal["fit", "square"] = "fit"  # K -> pooled grid (see the module note)
     space: Literal["projected", "vision"] = "projected"  # pool the LLM-input tokens (UniPruneBench) or vision features
 
     def __post_init__(self) -> None:
@@ -87,7 +84,7 @@ class Pool(Method):
         k = budget.resolve(n_visual)
         if self.mode == "resize":
             return [Stage(PRE_LLM, n_visual)]  # select() explains why the engine alone cannot do it
-        return [PoolStage(PRE_LLM, 0, target=pool_grid(k, self.grid))]
+        return [PoolStage(PRE_LLM, 0, tokens=k)]
 
     def select(self, ctx: StageContext) -> Selection:
         if self.mode == "resize":
@@ -104,9 +101,8 @@ class Pool(Method):
         stage = ctx.stage
         if not isinstance(stage, PoolStage) or len(set(grids)) != 1:
             raise MethodError(f"pool: expected its own PoolStage and one grid for the batch, got {stage!r}, {grids}")
-        (rows, cols), target = grids[0], stage.target or grids[0]
-        if target[0] > rows or target[1] > cols:
-            raise BudgetError(f"pool: a {target[0]} x {target[1]} grid is finer than the {rows} x {cols} token grid")
+        rows, cols = grids[0]
+        target = (rows, cols) if stage.tokens is None else pool_grid(stage.tokens, self.grid, rows, cols)
         features = ctx.image_embeds if self.space == "projected" else ctx.vision_features
         pooled = average_pool(features, (rows, cols), target)
         if self.space == "vision":

@@ -34,6 +34,7 @@ _EXPORTS = {
     "MethodError": "prunebench.errors",
     "UserError": "prunebench.errors",
     "load_model": "prunebench.models.loading",
+    "load_clip_space": "prunebench.models.clip_text",
     "CheckpointSelector": "prunebench.training.selectors",
 }
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "available_methods",
     "create_method",
     "layer_averaged_counts",
+    "load_clip_space",
     "load_model",
     "register_method",
 ]
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
     from prunebench.engine.sequence import PositionPolicy
     from prunebench.engine.signals import StageContext
     from prunebench.errors import MethodError, UserError
+    from prunebench.models.clip_text import load_clip_space
     from prunebench.models.loading import load_model
     from prunebench.training.selectors import CheckpointSelector
 

@@ -245,7 +245,7 @@ class LlavaNextAdapter(Adapter):
         rows = list(out.pooler_output)
         return VisionOutput(
             counts=[r.shape[0] for r in rows], features=None, hidden_states=None, embeds=_pad_rows(rows),
-            no_features=self.NO_FEATURES, no_tower_signals=self.NO_FEATURES,
+            no_features=self.NO_FEATURES, no_tower_signals=self.NO_FEATURES, no_grid=self.NO_GRID,
         )
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

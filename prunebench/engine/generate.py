@@ -101,6 +101,7 @@ class _PrefillRun:
     cache: DynamicCache
     visual_tokens: torch.Tensor  # (B, layers): visual tokens entering each layer
     sample_keys: list[int]
+    input_ids: torch.Tensor | None = None  # the prompt as given (the instruction text's source)
     groups: list[Group] = field(default_factory=list)
     group_of_layer: list[int] = field(default_factory=list)
     group: Group | None = None  # the open group; None until the first layer and after each stage
@@ -248,6 +249,7 @@ class PruningEngine:
             # per-sample seeds for methods' generators (a host copy of the ids: only when a stage runs)
             sample_keys=[zlib.crc32(ids[keep].cpu().numpy().tobytes()) for ids, keep in zip(input_ids, layout.valid)]
             if stages else [],
+            input_ids=input_ids,
         )
         pending = list(stages)
         for index in range(-1, adapter.num_layers):
@@ -291,6 +293,8 @@ class PruningEngine:
             sample_keys=run.sample_keys,
             seed=getattr(method, "seed", 0),
             state=run.method_state,
+            input_ids=run.input_ids,
+            tokenizer=self.tokenizer,
         )
         selection = method.select(ctx)
         keep = normalise_keep(selection.keep, layout.n_visual, ctx.keep, method.name)

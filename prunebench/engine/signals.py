@@ -45,6 +45,8 @@ class StageContext:
         sample_keys: list[int],
         seed: int,
         state: dict,
+        input_ids: torch.Tensor | None = None,
+        tokenizer=None,
     ):
         self.stage = stage
         self.layer = stage.layer
@@ -59,6 +61,8 @@ class StageContext:
         self._image_embeds = image_embeds
         self._layer_inputs = layer_inputs
         self._cache = cache
+        self._input_ids = input_ids
+        self._tokenizer = tokenizer
 
     # -- shapes and bookkeeping -------------------------------------------------------------
     @property
@@ -128,6 +132,17 @@ class StageContext:
         """Per sample, the slots of its text tokens."""
         text = self.layout.valid & ~self.layout.visual
         return [row.nonzero().flatten() for row in text]
+
+    def text_after_image(self) -> list[str]:
+        """Per sample, the prompt's text after its image (the instruction, and whatever the chat
+        template puts after it), decoded by the engine's tokenizer without special tokens."""
+        if self._tokenizer is None or self._input_ids is None:
+            raise MethodError("the prompt's text needs the engine's tokenizer: create PruningEngine(model, tokenizer)")
+        texts = []
+        for ids in self._input_ids:
+            image = (ids == self._adapter.image_token_id).nonzero()
+            texts.append(self._tokenizer.decode(ids[int(image.max()) + 1 :], skip_special_tokens=True))
+        return texts
 
     # -- vision signals ---------------------------------------------------------------------
     @property

@@ -46,8 +46,9 @@ from prunebench import Method, MethodError, Selection, StageContext, load_clip_s
 EXHAUSTED = 1e-5  # a best DPP gain at or below this: the picked tokens span the rest
 # what the official eval scripts strip from the question before CLIP sees it, and LLaVA-1.5's template tail
 NOT_INSTRUCTION = re.compile(
-    r"\n?Answer the question using a single word or phrase\.|\n?Answer with the option's letter from the given "
-    r"choices directly\.|\s*ASSISTANT:\s*$"
+    r"\s*Answer the question using a single word or phrase\s*\.|\s*Answer with the option's letter from the given "
+    r"choices directly\s*\.|\s*ASSISTANT\s*:\s*$",
+    re.IGNORECASE,
 )
 
 

@@ -63,15 +63,19 @@ class VisPruner(Method):
                 f"vispruner: vision layer {self.layer}'s output is not what this model's projector consumes; "
                 "set vispruner:layer= to the model's vision_feature_layer"
             )
-        k = ctx.uniform_keep
-        n_important = int(k * self.important)
         scores = ctx.cls_attention(self.layer).mean(1)  # (B, N)
-        order = scores.sort(dim=-1, descending=True, stable=True).indices
-        important, residual = order[:, :n_important], order[:, n_important:]
-        if k == n_important:
-            return Selection(keep=important)
-        diverse = remove_duplicates(F.normalize(features.float(), dim=-1), residual, k - n_important)
-        return Selection(keep=torch.cat([important, diverse], dim=1))
+        return Selection(keep=important_and_diverse(scores, features, ctx.uniform_keep, self.important))
+
+
+def important_and_diverse(scores: torch.Tensor, features: torch.Tensor, k: int, important: float) -> torch.Tensor:
+    """``(B, k)``: the ``int(k * important)`` highest ``scores``, then the rest after duplicate removal."""
+    n_important = int(k * important)
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    kept, residual = order[:, :n_important], order[:, n_important:]
+    if k == n_important:
+        return kept
+    diverse = remove_duplicates(F.normalize(features.float(), dim=-1), residual, k - n_important)
+    return torch.cat([kept, diverse], dim=1)
 
 
 def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, target: int) -> torch.Tensor:

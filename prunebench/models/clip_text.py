@@ -68,10 +68,10 @@ def load_clip_space(name: str) -> ClipSpace:
         text_model = CLIPTextModelWithProjection.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         eps = CLIPConfig.from_pretrained(directory).vision_config.layer_norm_eps
-    except OSError as err:  # LocalEntryNotFoundError and a missing safetensors file are OSErrors
+    except (OSError, ValueError) as err:  # not cached, no safetensors file, or not a hub id (HFValidationError)
         raise ModelNotFoundError(
             f"cannot load the CLIP checkpoint {name!r} (text tower, tokenizer, visual_projection) from local files "
-            f"({err.__class__.__name__}); download it first (`hf download {name}`) into "
+            f"({err.__class__.__name__}; prunebench loads safetensors only); download it first (`hf download {name}`) into "
             f"HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}, or pass a local directory"
         ) from None
     tensors = {}

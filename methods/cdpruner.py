@@ -7,7 +7,8 @@ Kernel: L = diag(r) S diag(r), with S the cosine similarity of the projected vis
 LLM-input embeddings) and r each token's relevance to the instruction. The K tokens are the greedy
 MAP of the DPP with kernel L: each step picks the token with the largest remaining gain d_j^2 and
 updates every gain with the new Cholesky row e = (L_j - c_j . C) / d_j (Chen et al., 2018), batched
-over images with no host synchronisation. Kept in patch order, positions re-indexed (official).
+over images with no host synchronisation; the kernel rows L_j are computed as tokens are picked
+(the official code builds the whole N x N kernel first). Kept in patch order, positions re-indexed (official).
 
 Relevance (``text``):
 - ``clip`` (official, LLaVA-1.5): the patch states the projector reads, through CLIP's
@@ -41,7 +42,14 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from prunebench import Method, MethodError, Selection, StageContext, load_clip_space, register_method
+from prunebench import (
+    Method,
+    MethodError,
+    Selection,
+    StageContext,
+    load_clip_space,
+    register_method,
+)
 
 EXHAUSTED = 1e-5  # a best DPP gain at or below this: the picked tokens span the rest
 # what the official eval scripts strip from the question before CLIP sees it, and LLaVA-1.5's template tail
@@ -121,33 +129,32 @@ def min_max(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def conditional_dpp(features: torch.Tensor, relevance: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """``(B, k)`` token indices in pick order: greedy MAP of the DPP with kernel diag(r) S diag(r)."""
+    """``(B, k)`` token indices in pick order: fast greedy MAP inference (incremental Cholesky rows)
+    of the DPP with kernel L = diag(r) S diag(r), S the cosine similarity of ``features``.
+
+    ``gains[b, n]`` is token n's squared distance, in the kernel's feature space, to the span of
+    the tokens picked so far. Only the K kernel rows of the picked tokens are ever needed, so they
+    are computed as the picks are made (K x N x D multiply-adds instead of the N x N x D kernel).
+    Once a sample's best gain is <= EXHAUSTED its remaining picks follow ``relevance`` (descending)
+    among the unpicked tokens."""
     unit = F.normalize(features.float(), dim=-1)
-    kernel = relevance[:, :, None] * torch.bmm(unit, unit.transpose(1, 2)) * relevance[:, None, :]
-    return greedy_map(kernel, k, mask, relevance)
-
-
-def greedy_map(kernel: torch.Tensor, k: int, mask: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Fast greedy MAP inference of a DPP (incremental Cholesky rows), batched: ``(B, k)`` picks.
-
-    ``gains[b, n]`` is token n's squared distance, in the kernel's feature space, to the span of the
-    tokens picked so far. Once a sample's best gain is <= EXHAUSTED its remaining picks follow
-    ``fallback`` (descending) among the unpicked tokens."""
-    batch, n, _ = kernel.shape
-    rows = torch.arange(batch, device=kernel.device)
-    gains = kernel.diagonal(dim1=1, dim2=2).clone().masked_fill(~mask, -math.inf)
-    order = fallback.float().masked_fill(~mask, -math.inf)
-    chol = kernel.new_zeros(batch, k, n)  # row i: the new Cholesky row of pick i, over all tokens
-    picks = torch.empty(batch, k, dtype=torch.long, device=kernel.device)
-    spent = torch.zeros(batch, dtype=torch.bool, device=kernel.device)
+    r = relevance.float()
+    batch, n, _ = unit.shape
+    rows = torch.arange(batch, device=unit.device)
+    gains = (r * r * (unit * unit).sum(-1)).masked_fill(~mask, -math.inf)  # diag(L)
+    order = r.masked_fill(~mask, -math.inf)
+    chol = unit.new_zeros(batch, k, n)  # row i: the Cholesky row of pick i, over all tokens
+    picks = torch.empty(batch, k, dtype=torch.long, device=unit.device)
+    spent = torch.zeros(batch, dtype=torch.bool, device=unit.device)
     for i in range(k):
         pick = gains.argmax(-1)
         best = gains[rows, pick]
         spent = spent | (best <= EXHAUSTED)
         pick = torch.where(spent, order.argmax(-1), pick)
         picks[:, i] = pick
+        kernel_row = r[rows, pick, None] * torch.bmm(unit[rows, pick][:, None], unit.transpose(1, 2))[:, 0] * r
         known = torch.einsum("bi,bin->bn", chol[rows, :i, pick], chol[:, :i])
-        row = (kernel[rows, pick] - known) / best.clamp_min(EXHAUSTED).sqrt()[:, None]
+        row = (kernel_row - known) / best.clamp_min(EXHAUSTED).sqrt()[:, None]
         chol[:, i] = row.masked_fill(spent[:, None], 0.0)
         gains = gains - chol[:, i] ** 2
         gains[rows, pick] = -math.inf

@@ -31,7 +31,17 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from prunebench import PRE_LLM, Budget, BudgetError, Method, MethodError, Selection, Stage, StageContext, register_method
+from prunebench import (
+    PRE_LLM,
+    Budget,
+    BudgetError,
+    Method,
+    MethodError,
+    Selection,
+    Stage,
+    StageContext,
+    register_method,
+)
 
 MAX_ASPECT = 2  # pooled grids at most 2:1, so a pooled cell stays near square
 
@@ -56,7 +66,7 @@ def pool_grid(k: int, grid: Literal["fit", "square"], rows: int, cols: int) -> t
 
 def average_pool(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
     """``(B, rows * cols, d)`` row-major tokens -> ``(B, h * w, d)`` adaptive averages, row-major, in float32."""
-    batch, n, width = tokens.shape
+    batch, _, width = tokens.shape
     image = tokens.float().reshape(batch, *grid, width).permute(0, 3, 1, 2)
     return F.adaptive_avg_pool2d(image, target).flatten(2).transpose(1, 2)
 

@@ -77,7 +77,8 @@ def load_clip_space(name: str) -> ClipSpace:
     tensors = {}
     for shard in sorted(directory.glob("*.safetensors")):
         with safe_open(shard, framework="pt") as f:
-            tensors.update({key: f.get_tensor(key) for key in PROJECTION_KEYS if key in f.keys()})
+            present = set(f.keys())
+            tensors.update({key: f.get_tensor(key) for key in PROJECTION_KEYS if key in present})
     missing = [key for key in PROJECTION_KEYS if key not in tensors]
     if missing:
         raise ModelNotFoundError(f"the CLIP checkpoint {name!r} lacks {', '.join(missing)}: it must be a full CLIPModel")

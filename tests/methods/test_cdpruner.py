@@ -12,7 +12,12 @@ import pytest
 import torch
 from prunebench.methods.cdpruner import EXHAUSTED, conditional_dpp, instruction
 from support.models import QUESTIONS, build_backbone, run
-from support.references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
+from support.references import (
+    MAX_NEW,
+    assert_batch_equals_each_alone,
+    assert_matches,
+    eos_of,
+)
 
 from prunebench.engine.method import MethodError, create_method
 from prunebench.errors import ModelNotFoundError
@@ -162,11 +167,12 @@ def clip_dir(tmp_path_factory):
     def save(width: int):
         tokenizer = build_tokenizer()
         config = CLIPConfig(
-            text_config=dict(vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=2, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=16),
-            vision_config=dict(hidden_size=width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=28, patch_size=14, projection_dim=16),
+            text_config={"vocab_size": len(tokenizer), "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
+                         "num_attention_heads": 2, "max_position_embeddings": 77, "eos_token_id": tokenizer.eos_token_id,
+                         "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                         "projection_dim": 16},
+            vision_config={"hidden_size": width, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "image_size": 28, "patch_size": 14, "projection_dim": 16},
             projection_dim=16,
         )
         torch.manual_seed(1)

@@ -11,7 +11,12 @@ import torch
 from PIL import Image
 from prunebench.methods.pool import largest_size_within, pool_grid
 from support.models import build_backbone, run, single
-from support.references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
+from support.references import (
+    MAX_NEW,
+    assert_batch_equals_each_alone,
+    assert_matches,
+    eos_of,
+)
 
 from prunebench.budget import Budget
 from prunebench.engine.method import MethodError, create_method

@@ -8,7 +8,12 @@ import pytest
 import torch
 from prunebench.methods.vispruner import important_and_diverse, remove_duplicates
 from support.models import build_backbone, run
-from support.references import MAX_NEW, assert_batch_equals_each_alone, assert_matches, eos_of
+from support.references import (
+    MAX_NEW,
+    assert_batch_equals_each_alone,
+    assert_matches,
+    eos_of,
+)
 
 from prunebench.engine.method import MethodError, create_method
 

@@ -120,9 +120,13 @@ class Pool(Method):
         empty = torch.empty(ctx.batch_size, 0, dtype=torch.long, device=pooled.device)
         return Selection(keep=empty, merged=pooled)
 
+    @property
+    def resizes_images(self) -> bool:
+        return self.mode == "resize"
+
     def resize_image(self, image, budget: Budget, tokens_at):
         if self.mode != "resize":
-            return None
+            raise MethodError("pool:mode=tokens pools the tokens; only pool:mode=resize resizes images")
         height, width = image.height, image.width
         n = tokens_at(height, width)
         k = budget.resolve(n)

@@ -88,12 +88,17 @@ class Method:
     def select(self, ctx: StageContext) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} does not implement select()")
 
-    def resize_image(self, image: Image.Image, budget: Budget, tokens_at: Callable[[int, int], int]) -> Image.Image | None:
-        """For a method that acts before the processor: the image the model should see instead of
-        ``image`` at ``budget``; ``tokens_at(height, width)`` is the visual-token count the model's
-        processor gives an image of that size. The caller (prunebench run) then encodes the returned
-        image and runs the engine with budget ``all``. Default None: the image goes in unchanged."""
-        return None
+    @property
+    def resizes_images(self) -> bool:
+        """Whether the method acts before the processor, through :meth:`resize_image`."""
+        return False
+
+    def resize_image(self, image: Image.Image, budget: Budget, tokens_at: Callable[[int, int], int]) -> Image.Image:
+        """For a method that ``resizes_images``: the image the model should see instead of ``image``
+        at ``budget``; ``tokens_at(height, width)`` is the visual-token count the model's processor
+        gives an image of that size. The caller (prunebench run) encodes the returned image and runs
+        the engine with budget ``all``."""
+        raise NotImplementedError(f"method {self.name!r} does not resize images")
 
     # -- description -------------------------------------------------------------------------
     @classmethod

@@ -204,7 +204,7 @@ class PrunedVLM(lmms):
     @property
     def resizes(self) -> bool:
         """Whether the method acts on the image before the processor (``Method.resize_image``)."""
-        return self.method is not None and type(self.method).resize_image is not Method.resize_image and not self.budget.is_all
+        return self.method is not None and self.method.resizes_images and not self.budget.is_all
 
     def _resized(self, images: list[Image.Image], tasks, doc_ids) -> tuple[list[Image.Image], list[int], Budget]:
         """The images the method makes of them at this budget, the originals' visual-token counts, and
@@ -213,10 +213,9 @@ class PrunedVLM(lmms):
         out = []
         for image, task, doc_id in zip(images, tasks, doc_ids):
             try:
-                resized = self.method.resize_image(image, self.budget, tokens_at)
+                out.append(self.method.resize_image(image, self.budget, tokens_at))
             except BudgetError as err:
                 raise BudgetError(f"{task} doc {doc_id} ({image.height}x{image.width} px): {err}") from None
-            out.append(image if resized is None else resized)
         return out, [tokens_at(image.height, image.width) for image in images], Budget.all()
 
     def _image(self, doc_to_visual, doc, task: str) -> Image.Image:

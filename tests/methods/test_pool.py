@@ -144,7 +144,7 @@ def test_resize_mode_hands_the_processor_a_smaller_image():
     small = method.resize_image(image, Budget.parse(40), tokens_at)
     assert tokens_at(small.height, small.width) <= 40 < tokens_at(image.height, image.width)
     assert method.resize_image(image, Budget.parse(tokens_at(280, 420)), tokens_at) is image  # K = all of it
-    assert create_method("pool").resize_image(image, Budget.parse(40), tokens_at) is None  # tokens mode: unchanged
+    assert method.resizes_images and not create_method("pool").resizes_images  # tokens mode acts in the engine
 
 
 def test_refusals_and_honest_counts(tiny, engine, batch):
@@ -165,3 +165,25 @@ def test_token_mode_refuses_backbones_without_one_fixed_grid(name, message):
     backbone = build_backbone(name)
     with pytest.raises(MethodError, match=message):
         run(backbone.engine, backbone.batch, create_method("pool"), budget="50%", max_new_tokens=1)
+
+
+def test_run_bridge_pools_in_the_engine_on_fixed_grids(tiny, engine):
+    """Through the lmms-eval bridge (prunebench run), tokens mode reaches the engine at its budget:
+    the LLM sees the pooled 8 x 8 grid, for generation and for log-likelihoods alike."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+
+    from prunebench.run.lmms_bridge import PrunedVLM
+
+    _, processor = tiny
+    lm = PrunedVLM(engine, processor, create_method("pool"), Budget.parse(64))
+    lm.task_dict = {"t": {"test": [{"image": Image.new("RGB", (60, 40), (200, 30, 30))}]}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    meta = {"task": "t", "doc_id": 0, "repeats": 1}
+    lm.generate_until([Instance(request_type="generate_until", idx=0, metadata=meta,
+                                arguments=("what color ?", {"max_new_tokens": 2}, visual, 0, "t", "test"))])
+    assert lm.stats[("t", 0)].visual_tokens == [64] * engine.adapter.num_layers
+    assert lm.stats[("t", 0)].n_visual == SIDE * SIDE
+    lm.loglikelihood([Instance(request_type="loglikelihood", idx=0, metadata=meta,
+                               arguments=("what color ?", "red", visual, 0, "t", "test"))])
+    assert lm.stats[("t", 0)].visual_tokens == [64] * engine.adapter.num_layers

@@ -178,7 +178,7 @@ def test_run_bridge_pools_in_the_engine_on_fixed_grids(tiny, engine):
     _, processor = tiny
     lm = PrunedVLM(engine, processor, create_method("pool"), Budget.parse(64))
     lm.task_dict = {"t": {"test": [{"image": Image.new("RGB", (60, 40), (200, 30, 30))}]}}
-    visual = lambda doc: [doc["image"]]  # noqa: E731
+    visual = lambda doc: [doc["image"]]
     meta = {"task": "t", "doc_id": 0, "repeats": 1}
     lm.generate_until([Instance(request_type="generate_until", idx=0, metadata=meta,
                                 arguments=("what color ?", {"max_new_tokens": 2}, visual, 0, "t", "test"))])

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "Method": "prunebench.engine.method",
+    "ModelFacts": "prunebench.engine.method",
     "Selection": "prunebench.engine.method",
     "Stage": "prunebench.engine.method",
     "PRE_LLM": "prunebench.engine.method",
@@ -43,6 +44,7 @@ __all__ = [
     "DecodeConfig",
     "Method",
     "MethodError",
+    "ModelFacts",
     "PRE_LLM",
     "PositionPolicy",
     "PruningEngine",
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from prunebench.engine.method import (
         PRE_LLM,
         Method,
+        ModelFacts,
         Selection,
         Stage,
         available_methods,

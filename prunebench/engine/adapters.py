@@ -86,8 +86,23 @@ class Adapter:
             f"{type(self.model).__name__}: visual tokens vary per image; budgets are checked per image at run time"
         )
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the decoder was built for (``max_position_embeddings``)."""
+        return getattr(self.decoder.config, "max_position_embeddings", None)
+
+    @property
+    def vision_width(self) -> int | None:
+        """Width of a visual token's pre-projector vision features (``VisionOutput.features``);
+        None where the backbone offers none."""
+        return None
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
+
+    def sample_pixels(self, pixel_values: torch.Tensor, **image_inputs) -> list[torch.Tensor]:
+        """Per sample, its image's pixels, the same whatever batch it is in (seeds use them)."""
+        return list(pixel_values)
 
     def image_inputs(self, inputs) -> dict[str, torch.Tensor]:
         """The extra image inputs (``image_keys``) picked from a processor output."""
@@ -147,6 +162,10 @@ class LlavaAdapter(Adapter):
         vision = self.model.config.vision_config
         n = (vision.image_size // vision.patch_size) ** 2
         return n + (1 if self.select_strategy == "full" else 0)
+
+    @property
+    def vision_width(self) -> int:
+        return self.model.config.vision_config.hidden_size
 
     def encode_images(self, pixel_values: torch.Tensor) -> VisionOutput:
         """The tower up to the layer the projector reads and no further: later layers are never used
@@ -222,6 +241,15 @@ class LlavaNextAdapter(Adapter):
         self.inner = inner
         self.projector = inner.multi_modal_projector
 
+    def sample_pixels(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """The base image and crops of each sample, without the padding a batch adds."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.model.config
+        counts = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                  for size in image_sizes]
+        return [pixels[:count] for pixels, count in zip(pixel_values, counts)]
+
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
         config = self.model.config
         out = self.inner.get_image_features(
@@ -268,6 +296,14 @@ class QwenVLAdapter(Adapter):
             input_ids, mm_token_type_ids=kinds, image_grid_thw=image_grid_thw, attention_mask=attention_mask
         )
         return positions
+
+    @property
+    def vision_width(self) -> int:
+        return self.merge_unit * self.visual.merger.ln_q.normalized_shape[0]
+
+    def sample_pixels(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """The patches of each sample's image (the processor concatenates a batch's)."""
+        return list(pixel_values.split(image_grid_thw.prod(-1).tolist()))
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionOutput:
         out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)

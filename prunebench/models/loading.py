@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
         raise ModelNotFoundError(f"unknown built-in model {name!r}; valid choices: {', '.join(BUILTIN_TRAINED)}")
     if name.startswith("random:"):
         raise ModelNotFoundError(f"unknown random model {name!r}; valid choices: {', '.join([*BUILTIN_RANDOM, *backbones.BUILTIN])}")
+    if os.path.isdir(name):
+        check_local_directory(Path(name))
     kwargs = {"local_files_only": True}
     try:
         model = LlavaForConditionalGeneration.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
@@ -47,6 +50,33 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     processor.tokenizer.padding_side = "left"
     return model.to(device).eval(), processor
+
+
+# what a local model directory may hold (the loader below builds LLaVA-1.5)
+LOCAL_MODEL_TYPES = ("llava",)
+
+
+def check_local_directory(directory: Path) -> None:
+    """Read a local model folder's config and weight headers before loading, so that a broken one
+    is named in one line rather than misreported as missing."""
+    from safetensors import SafetensorError, safe_open
+
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ModelNotFoundError(f"local directory {str(directory)!r} has no config.json: not a Hugging Face model folder")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise UserError(f"{config} is not a valid model config ({err}); restore or re-download the model") from None
+    if model_type not in LOCAL_MODEL_TYPES:
+        raise UserError(f"{config}: model_type {model_type!r} is not supported from a local directory; "
+                        f"supported: {', '.join(LOCAL_MODEL_TYPES)}")
+    for weights in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{weights} is corrupt or not a safetensors file ({err}); restore or re-download it") from None
 
 
 def load_builtin(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -71,8 +101,11 @@ def cpu_dtype() -> str:
     return "bfloat16" if any(check is not None and check() for check in native) else "float32"
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 def _dtype(name: str) -> torch.dtype:
-    choices = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in choices:
-        raise UserError(f"unknown dtype {name!r}; valid choices: {', '.join(choices)}")
-    return choices[name]
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; valid choices: {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -71,7 +71,11 @@ def check_local_directory(directory: Path) -> None:
     if model_type not in LOCAL_MODEL_TYPES:
         raise UserError(f"{config}: model_type {model_type!r} is not supported from a local directory; "
                         f"supported: {', '.join(LOCAL_MODEL_TYPES)}")
-    for weights in sorted(directory.glob("*.safetensors")):
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"local directory {str(directory)!r} has no *.safetensors weights (prunebench loads "
+                        "safetensors only, never pickled .bin files)")
+    for weights in shards:
         try:
             with safe_open(weights, "pt"):
                 pass

@@ -168,7 +168,8 @@ class Inputs:
 def check_inputs(args: RunSettings, world: distributed.World) -> Inputs:
     """Everything that can be checked without the model: the command line, the task names and
     every --task-data file (opened and read as the task reads it), the results folder."""
-    methods = [create_method(spec) for spec in parse_method_list(args.methods or default_methods(args.model))]
+    listed = default_methods(args.model) if args.methods is None else args.methods
+    methods = [create_method(spec) for spec in parse_method_list(listed)]
     specs = [m.spec() for m in methods]
     if twice := sorted({spec for spec in specs if specs.count(spec) > 1}):
         raise MethodError(f"--methods: {', '.join(twice)} given twice")
@@ -220,7 +221,10 @@ def run(args: RunSettings) -> list[Record]:
     from prunebench.engine.generate import PruningEngine
     from prunebench.models.loading import cpu_dtype, load_model
 
+    from transformers.utils import logging as transformers_logging
+
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
+    transformers_logging.disable_progress_bar()  # a bad input after loading stays one line
     model, processor = load_model(args.model, device=device, dtype=dtype)
     engine = PruningEngine(model, processor.tokenizer)
     facts = _model_facts(args.model, engine, processor)

@@ -90,6 +90,7 @@ def _load(path: Path, fmt: str, split: str, where: str):
     import datasets
     from datasets.utils import logging as datasets_logging
 
+    datasets.disable_progress_bars()  # the run shows its own progress
     level = datasets_logging.get_verbosity()
     datasets_logging.set_verbosity(datasets_logging.CRITICAL + 10)
     try:

@@ -101,6 +101,8 @@ CASES = [
     bad("task-twice-by-alias", r"textvqa_val given twice", "--tasks", "textvqa,textvqa_val"),
     bad("task-unknown", r"unknown task\(s\) nosuchtask; prunebench's own: synth-gqa", "--tasks", "nosuchtask"),
     bad("task-unknown-second", r"unknown task\(s\) nosuch\b", "--tasks", "synth-pope,nosuch"),
+    bad("task-dataset-not-cached", r"task 'gqa' needs the dataset .* which is not in the local cache .*HF_HOME.*"
+        r"--task-data gqa=", "--tasks", "gqa", env={"HF_DATASETS_OFFLINE": "1"}),
     bad("task-data-no-equals", r"--task-data 'pope': write TASK=PATH", *POPE, "--task-data", "pope"),
     bad("task-data-no-task", r"write TASK=PATH", *POPE, "--task-data", "={pope}"),
     bad("task-data-no-path", r"write TASK=PATH", *POPE, "--task-data", "pope="),
@@ -176,6 +178,7 @@ CASES = [
         "builtin:nosuch"),
     bad("model-hub-id-not-cached", r"cannot load hub id 'nosuch-org/nosuch-model'", "--model", "nosuch-org/nosuch-model",
         env={"HF_HUB_OFFLINE": "1"}),
+    bad("model-path-missing", r"cannot load hub id '/nonexistent/model'", "--model", "/nonexistent/model"),
     bad("model-dir-without-config", r"has no config.json: not a Hugging Face model folder", "--model", "{empty_dir}"),
     bad("model-dir-config-corrupt", r"config.json is not a valid model config", "--model", "{model_bad_config}"),
     bad("model-dir-unsupported-type", r"model_type 'bert' is not supported from a local directory; supported: llava",

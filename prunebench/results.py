@@ -202,7 +202,15 @@ class ResultStore:
         return Claim(False, lock, holder)
 
     def release(self, key: RecordKey) -> None:
-        """Remove the lock for ``key`` if this process holds it (another may have taken it over)."""
+        """Remove the lock for ``key`` if this process holds it (another may have taken it over).
+        A signal arriving meanwhile (SIGTERM, Ctrl-C) does not leave it behind."""
+        try:
+            self._release(key)
+        except BaseException:
+            self._release(key)
+            raise
+
+    def _release(self, key: RecordKey) -> None:
         lock = self.lock_path(key)
         try:
             if LockOwner.parse(lock.read_text()) == LockOwner.current():

@@ -250,21 +250,21 @@ def run(args: RunSettings) -> list[Record]:
                   f"results in {escape(str(store.root))}")
     for cell, key, described in zip(cells, keys, cell_inputs):
         cache.start_task(cell.task)
-        action = distributed.broadcast(_decide(store, key, args.force, cell, console) if world.main else None, world)
-        if action == "cached":
-            console.print(f"[dim]cached[/]  {escape(cell.label)}")
-            finished.append(stored[key] if key in stored else store.load(key))  # or finished meanwhile
-            continue
-        if action == "busy":
-            continue
         try:
+            action = distributed.broadcast(_decide(store, key, args.force, cell, console) if world.main else None, world)
+            if action == "cached":
+                console.print(f"[dim]cached[/]  {escape(cell.label)}")
+                finished.append(stored[key] if key in stored else store.load(key))  # or finished meanwhile
+                continue
+            if action == "busy":
+                continue
             spec = taskspec.task_spec(cell.task, _data_path(checked.task_data, cell.task), Path(store.root) / ".task-data")
             with store.heartbeat(key) if world.main else contextlib.nullcontext():
                 record, samples = evaluate_cell(cell, key, spec, engine, processor, args,
                                                 {**provenance, "inputs": described}, console, world, cache)
             if world.main:
                 store.write(record, samples)
-        finally:
+        finally:  # the lock, if this run took it: SIGTERM and Ctrl-C land here too
             if world.main:
                 store.release(key)
         if world.main:

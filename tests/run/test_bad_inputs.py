@@ -220,9 +220,9 @@ CASES = [
 def files(tmp_path_factory) -> dict[str, str]:
     """The bad (and a few good) files the cases name, made once."""
     import datasets
+    from prunebench.tasks.synthetic import task_dataset
     from support.stores import write_tiny_store
 
-    from prunebench.tasks.synthetic import task_dataset
     from prunebench.training.selectors import build_selector, save_selector
 
     tmp = tmp_path_factory.mktemp("battery")

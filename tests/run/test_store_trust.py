@@ -141,8 +141,8 @@ def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path, payload, why):
     assert not lock.exists()
 
 
-def test_a_lock_elsewhere_is_respected_until_its_heartbeat_stops(tmp_path, monkeypatch):
-    import prunebench.results as results
+def test_a_lock_elsewhere_is_respected_until_its_heartbeat_stops(tmp_path):
+    from prunebench import results
 
     store = ResultStore(tmp_path)
     lock = store.lock_path(KEY)
@@ -168,7 +168,7 @@ def test_force_takes_over_a_live_lock_saying_so(tmp_path):
 
 
 def test_the_heartbeat_keeps_a_held_lock_fresh(tmp_path, monkeypatch):
-    import prunebench.results as results
+    from prunebench import results
 
     monkeypatch.setattr(results, "HEARTBEAT_S", 0.05)
     store = ResultStore(tmp_path)

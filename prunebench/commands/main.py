@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "profile": ("prunebench.profiling.profiler", "time vision / pruner / prefill / decode, TFLOPs, KV cache"),
     "report": ("prunebench.report.build", "accuracy-retention and speed tables (md, latex, csv) and plots"),
     "train": ("prunebench.training.trainer", "train a learned selector (autoselect, gumbel)"),
+    "reproduce": ("prunebench.commands.reproduce", "run a paper's protocol and compare with its published numbers"),
 }
 
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from prunebench.report import stats
 from prunebench.report.accuracy import accuracy_table, agreement_frame, category_table
 from prunebench.report.frames import ReportError
+from prunebench.report.reference import reference_table
 from prunebench.report.significance import compare_table, stats_table
 from prunebench.report.speed import speed_table
 from prunebench.report.tables import FORMATS, Table, print_table, render
@@ -82,8 +83,10 @@ def build_tables(
     seed: int,
     compare: tuple[str, str] | None = None,
     with_stats: bool = True,
+    reference: bool = False,
 ) -> list[Table]:
-    """Every table of one model: accuracy (+ stats) when it has eval records, speed when any has timings."""
+    """Every table of one model: accuracy (+ stats) when it has eval records, speed when any has timings,
+    and with ``reference`` the published numbers beside the measured ones."""
     tables: list[Table] = []
     if any(r.kind == "eval" for r in records):
         tables.append(accuracy_table(records, agreement_frame(records, store)))
@@ -97,6 +100,8 @@ def build_tables(
         raise ReportError("--compare needs eval records")
     if any(r.timing for r in records):
         tables.append(speed_table(records))
+    if reference:
+        tables.append(reference_table(records, store, n_boot=n_boot, seed=seed))
     return tables
 
 
@@ -122,6 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     parser.add_argument("--stats", action="store_true", help="also print the statistics table on the console")
     parser.add_argument("--no-plots", action="store_true", help="do not draw plots with --out")
+    parser.add_argument("--reference", action="store_true",
+                        help="also compare each cell with the numbers papers publish for it (prunebench/references)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -138,7 +145,8 @@ def main(args: argparse.Namespace) -> int:
             compare = tuple(args.compare) if args.compare else None
             # the bootstrap is the slow part: skip it when its table goes nowhere
             with_stats = bool(args.out or formats or args.stats)
-            tables = build_tables(records, store, args.bootstrap, args.seed, compare, with_stats)
+            tables = build_tables(records, store, args.bootstrap, args.seed, compare, with_stats,
+                                  args.reference)
             for table in tables:
                 if table.name != "stats" or args.stats:
                     print_table(table, console)

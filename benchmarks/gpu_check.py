@@ -88,6 +88,8 @@ COVERED = {
 SHALLOW_OPTIONS = {"sparsevlm": "layers=0/1/2", "pyramiddrop": "layers=0/1/2"}
 LEARNED = ("autoselect", "gumbel")
 SCORER_SHAPE = {"width": 1024, "depth": 2, "heads": 16}  # AutoSelect's scorer as the paper describes it
+# random selector checkpoints, kept out of the repository and the results store (their paths are in record keys)
+SELECTOR_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prunebench" / "gpu-check-selectors"
 
 
 @dataclass(frozen=True)
@@ -288,8 +290,8 @@ class ModelResult:
     seconds: float = 0.0
 
 
-def check_model(model_name: str, mode: Mode, budgets: tuple[int, ...], store: ResultStore, command: str,
-                log) -> ModelResult:
+def check_model(model_name: str, mode: Mode, budgets: tuple[int, ...], store: ResultStore, selectors: Path,
+                command: str, log) -> ModelResult:
     start = time.perf_counter()
     device = torch.device(mode.device)
     model, name, _ = load_profile_model(model_name, True, device, mode.dtype)
@@ -297,7 +299,7 @@ def check_model(model_name: str, mode: Mode, budgets: tuple[int, ...], store: Re
     settings = ProfileSettings(warmup=mode.warmup, repeats=mode.repeats, decode_tokens=mode.decode_tokens)
     inputs = synthetic_batch(model.config, 1, settings.prompt_tokens, device, model.dtype, image_size=settings.image_size)
     result = ModelResult(name)
-    specs, refused = method_specs(engine, Path(store.root) / ".gpu-check-selectors")
+    specs, refused = method_specs(engine, selectors)
     result.skipped += refused
     cells, skipped = plan_cells(engine, inputs, specs, budgets, settings.decode_tokens)
     result.skipped += skipped
@@ -436,6 +438,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed passes per cell (default: 20 on CUDA, 2 on CPU)")
     parser.add_argument("--out", default="reports/gpu", help="report folder; a subfolder per device (default %(default)s)")
     parser.add_argument("--results", default="results", help="results store for the profile records (default %(default)s)")
+    parser.add_argument("--selectors", default=str(SELECTOR_CACHE),
+                        help="where the random selector checkpoints are kept between runs (default %(default)s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(torch.device(mode.device), command)
     log(f"{env['device']} ({mode.name}): {', '.join(mode.models)}")
-    results = [check_model(m, mode, budgets, store, command, log) for m in mode.models]
+    results = [check_model(m, mode, budgets, store, Path(args.selectors), command, log) for m in mode.models]
     wall = (time.perf_counter() - start) / 60
     checks = targets(results, wall, mode)
     folder = write_report(Path(args.out), env, mode, results, checks, wall)

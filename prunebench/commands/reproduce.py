@@ -11,6 +11,7 @@ from rich.table import Table as RichTable
 from prunebench.run.reproduce import (
     RECIPES,
     check_needs,
+    describe,
     get_recipe,
     make_plan,
     measured_estimate,
@@ -18,7 +19,6 @@ from prunebench.run.reproduce import (
     parameters,
     require,
     roofline_estimate,
-    describe,
 )
 
 
@@ -58,12 +58,16 @@ def main(args: argparse.Namespace) -> int:
         code = cli(argv)
         if code:
             return code
-    from prunebench.report.reference import reference_table
+    from prunebench.report.reference import load_registry, reference_table
     from prunebench.report.tables import print_table
 
+    registry = load_registry()
+    if not any(row.model == recipe.model for row in registry):
+        console.print(f"no published numbers for {recipe.model}: nothing to compare")
+        return 0
     records = [r for r in store.records() if r.kind == "eval" and r.key.model == recipe.model
                and r.key.limit == plan.limit and r.key.task in plan.tasks]
-    print_table(reference_table(records, store, n_boot=args.bootstrap), console)
+    print_table(reference_table(records, store, registry, n_boot=args.bootstrap), console)
     return 0
 
 

@@ -34,7 +34,7 @@ class RecipeError(UserError, ValueError):
 @dataclass(frozen=True)
 class TaskPlan:
     task: str  # lmms-eval task, full split
-    dataset: str  # the hub dataset lmms-eval 0.7.3 reads for it
+    dataset: str | None  # the hub dataset lmms-eval 0.7.3 reads for it (None: prunebench's generated tasks)
     questions: int  # size of the split (approximate where the dataset card rounds it): for the estimate
 
 
@@ -99,6 +99,12 @@ RECIPES = {recipe.name: recipe for recipe in (
 )}
 
 
+def task_plan(task: str) -> TaskPlan:
+    if task in taskspec.GENERATED:
+        return TaskPlan(task, None, taskspec.GENERATED[task].size)
+    return TASK_PLANS[task]
+
+
 def get_recipe(name: str | None) -> Recipe:
     if name not in RECIPES:
         given = f"unknown recipe {name!r}" if name else "no recipe named"
@@ -133,7 +139,7 @@ class Plan:
         return list(dict.fromkeys(cells))
 
     def questions(self, task: str) -> int:
-        size = TASK_PLANS[task].questions
+        size = task_plan(task).questions
         return size if self.limit is None else min(size, self.limit)
 
 
@@ -153,8 +159,12 @@ def make_plan(recipe: Recipe, tasks: str | None, limit: int | None, results: str
 
 
 def model_in_cache(model: str) -> bool:
-    """The checkpoint's config and weights are in the local Hugging Face cache."""
+    """The checkpoint's config and weights are in the local Hugging Face cache (a built-in model or a
+    local directory needs nothing)."""
     from huggingface_hub import try_to_load_from_cache
+
+    if model.startswith(("builtin:", "random:")) or Path(model).is_dir():
+        return True
 
     config = try_to_load_from_cache(model, "config.json")
     return isinstance(config, str) and any(Path(config).parent.glob("*.safetensors"))
@@ -168,7 +178,7 @@ class Needs:
 
 
 def check_needs(plan: Plan) -> Needs:
-    datasets = dict.fromkeys(TASK_PLANS[t].dataset for t in plan.tasks)
+    datasets = dict.fromkeys(d for t in plan.tasks if (d := task_plan(t).dataset))
     missing = tuple(d for d in datasets if not taskspec.dataset_in_cache(d))
     return Needs(model_in_cache(plan.recipe.model), missing, taskspec.hub_status() if missing else "not needed")
 
@@ -263,8 +273,9 @@ def _visual_per_layer(spec: str, budget: str, n_visual: int, num_layers: int) ->
 
 def measured_estimate(plan: Plan, store: ResultStore) -> Estimate | None:
     """From GPU profile records of the recipe's preset in ``store`` (scripts/gpu_check.sh or
-    `prunebench profile --model PRESET` write them): per question the cell's TTFT plus decode steps.
-    None unless every cell has one on one device."""
+    `prunebench profile --model PRESET` write them): per question the cell's TTFT plus decode steps;
+    a cell with no record of its own counts at the unpruned run's time (pruning only shortens it).
+    None without an unpruned GPU record."""
     if not store.root.is_dir():
         return None
     name = f"random:{plan.recipe.preset}"
@@ -272,17 +283,19 @@ def measured_estimate(plan: Plan, store: ResultStore) -> Estimate | None:
     for record in store.records():
         if record.kind == "profile" and record.key.model == name and record.provenance.get("device_type") == "cuda":
             found.setdefault(record.provenance["device"], {})[(record.key.method, record.key.budget)] = record
-    for device, cells in sorted(found.items()):
-        if all(cell in cells for cell in plan.cells()):
-            seconds = 0.0
-            for cell in plan.cells():
-                timing = cells[cell].timing
-                per_question = timing["ttft"] + DECODE_STEPS * timing.get("decode_per_token", 0.0)
-                seconds += per_question / 1e3 * sum(plan.questions(t) for t in plan.tasks)
-            dtypes = {cells[c].provenance.get("dtype") for c in plan.cells()}
-            return Estimate(seconds / 3600, f"profile records of {name} on {device} ({'/'.join(sorted(map(str, dtypes)))}): "
-                                            f"TTFT + {DECODE_STEPS} decode steps per question, model time only")
-    return None
+    usable = {device: cells for device, cells in found.items() if ("none", "all") in cells}
+    if not usable:
+        return None
+    device, cells = max(usable.items(), key=lambda item: sum(cell in item[1] for cell in plan.cells()))
+    questions = sum(plan.questions(t) for t in plan.tasks)
+    seconds, timed = 0.0, 0
+    for cell in plan.cells():
+        timing = cells.get(cell, cells[("none", "all")]).timing
+        timed += cell in cells
+        seconds += (timing["ttft"] + DECODE_STEPS * timing.get("decode_per_token", 0.0)) / 1e3 * questions
+    return Estimate(seconds / 3600, f"profile records of {name} on {device}: TTFT + {DECODE_STEPS} decode steps per "
+                                    f"question, {timed} of {len(plan.cells())} cells timed (the others at the unpruned "
+                                    "time); model time only")
 
 
 def describe(plan: Plan, n_parameters: int, needs: Needs | None, estimates: list[Estimate]) -> str:
@@ -300,9 +313,10 @@ def describe(plan: Plan, n_parameters: int, needs: Needs | None, estimates: list
         "tasks (dataset, questions):",
     ]
     for task in plan.tasks:
-        plan_ = TASK_PLANS[task]
-        cached = "" if needs is None else ("  missing" if plan_.dataset in needs.missing_datasets else "  cached")
-        lines.append(f"  {task:<24} {plan_.dataset:<32} {plan.questions(task):>6}{cached}")
+        dataset = task_plan(task).dataset
+        cached = "" if needs is None or dataset is None else (
+            "  missing" if dataset in needs.missing_datasets else "  cached")
+        lines.append(f"  {task:<24} {dataset or 'generated by prunebench':<32} {plan.questions(task):>6}{cached}")
     lines.append(f"cells: {len(plan.tasks)} tasks x {len(cells)} (method, budget) = {len(plan.tasks) * len(cells)}, "
                  f"{questions * len(cells):,} questions:")
     lines += [f"  {spec} @ {budget}" for spec, budget in cells]
@@ -313,6 +327,9 @@ def describe(plan: Plan, n_parameters: int, needs: Needs | None, estimates: list
     lines += [f"  - {why}" for why in r.not_run]
     lines.append("GPU time:")
     lines += [f"  {e.gpu_hours:.1f} GPU hours: {e.how}" for e in estimates]
+    if len(estimates) == 1:
+        lines.append(f"  (a measured estimate needs GPU profile records of random:{r.preset} in {plan.results}: "
+                     "scripts/gpu_check.sh writes them)")
     if needs is not None and needs.missing_datasets:
         lines.append(f"downloads: {', '.join(needs.missing_datasets)} (lmms-eval fetches them on first use; the hub is "
                      f"{needs.hub})")

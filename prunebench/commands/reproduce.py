@@ -4,6 +4,7 @@ measured numbers compare with the published ones (prunebench.report.reference)."
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from rich.console import Console
 from rich.table import Table as RichTable
@@ -54,20 +55,19 @@ def main(args: argparse.Namespace) -> int:
     from prunebench.commands.main import main as cli
 
     for argv in plan.run_commands():
-        console.print(f"[bold]prunebench {' '.join(argv)}[/]")
+        console.print(f"[bold]prunebench {shlex.join(argv)}[/]", soft_wrap=True)
         code = cli(argv)
         if code:
             return code
-    from prunebench.report.reference import load_registry, reference_table
+    from prunebench.report.reference import reference_table
     from prunebench.report.tables import print_table
 
-    registry = load_registry()
-    if not any(row.model == recipe.model for row in registry):
-        console.print(f"no published numbers for {recipe.model}: nothing to compare")
-        return 0
     records = [r for r in store.records() if r.kind == "eval" and r.key.model == recipe.model
                and r.key.limit == plan.limit and r.key.task in plan.tasks]
-    print_table(reference_table(records, store, registry, n_boot=args.bootstrap), console)
+    print_table(reference_table(records, store, n_boot=args.bootstrap, compared_only=True), console)
+    limit = "" if plan.limit is None else f" --limit {plan.limit}"
+    console.print(f"every published cell, with why the others are not compared: prunebench report --results "
+                  f"{args.results} --model {recipe.model}{limit} --reference", soft_wrap=True)
     return 0
 
 

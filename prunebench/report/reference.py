@@ -389,6 +389,7 @@ def disputed(rows: list[Published]) -> bool:
 # -- the table --------------------------------------------------------------------------------------
 
 COLUMNS_SHOWN = ["Published", "Ours", "CI low", "CI high", "Δ", "n", "Verdict", "Match"]
+INDEX_NAMES = ["Budget", "Method", "Benchmark", "Source"]
 # benchmark -> its label, in the papers' column order
 LABELS = {"gqa": "GQA", "mmbench": "MMB", "mmbench_cn": "MMB-CN", "mme": "MME", "pope": "POPE", "sqa_img": "SQA-IMG",
           "vqav2": "VQAv2", "textvqa": "TextVQA", "mmmu": "MMMU", "seed": "SEED", "mmvet": "MM-Vet",
@@ -407,9 +408,13 @@ def reference_table(records: Iterable[Record], store: ResultStore, registry: lis
     model = evals[0].key.model
     registry = load_registry() if registry is None else registry
     published = [r for r in registry if r.model == model]
+    title = f"{model}: measured vs published"
+    columns = {"Published": Column("text"), "Ours": Column(), "CI low": Column(), "CI high": Column(),
+               "Δ": Column("number", 1), "n": Column("int"), "Verdict": Column("text"), "Match": Column("text")}
     if not published:
-        models = sorted({r.model for r in registry})
-        raise ReportError(f"no published numbers for {model}; the registry covers {', '.join(models)}")
+        models = ", ".join(sorted({r.model for r in registry}))
+        empty = pd.DataFrame(columns=COLUMNS_SHOWN, index=pd.MultiIndex.from_tuples([], names=INDEX_NAMES))
+        return Table("reference", title, empty, columns, notes=[f"no published numbers for {model}; the registry covers {models}"])
     cells = cell_index(evals)
     by_spec: dict[tuple[str, str], dict[str, Record]] = {}
     for (method, budget, task), rec in cells.items():
@@ -463,13 +468,10 @@ def reference_table(records: Iterable[Record], store: ResultStore, registry: lis
                 lines.append(((*label, ", ".join(r.short_source for r in same)), {
                     **dict.fromkeys(COLUMNS_SHOWN, math.nan), "Published": " / ".join(r.value for r in same),
                     "Verdict": "–", "Match": reason}))
-    index = pd.MultiIndex.from_tuples([k for k, _ in lines], names=["Budget", "Method", "Benchmark", "Source"])
+    index = pd.MultiIndex.from_tuples([k for k, _ in lines], names=INDEX_NAMES)
     frame = pd.DataFrame([line for _, line in lines], index=index, columns=COLUMNS_SHOWN)
     frame = frame.iloc[_order(index)] if len(frame) else frame
-    notes = _notes(frame, used_caveats, unmatched, n_boot, seed)
-    spec = {"Published": Column("text"), "Ours": Column(), "CI low": Column(), "CI high": Column(),
-            "Δ": Column("number", 1), "n": Column("int"), "Verdict": Column("text"), "Match": Column("text")}
-    return Table("reference", f"{model}: measured vs published", frame, spec, notes=notes)
+    return Table("reference", title, frame, columns, notes=_notes(frame, used_caveats, unmatched, n_boot, seed))
 
 
 def _benchmark_label(benchmark: str, metric: str) -> str:

@@ -329,7 +329,7 @@ def describe(plan: Plan, n_parameters: int, needs: Needs | None, estimates: list
     lines += [f"  {e.gpu_hours:.1f} GPU hours: {e.how}" for e in estimates]
     if len(estimates) == 1:
         lines.append(f"  (a measured estimate needs GPU profile records of random:{r.preset} in {plan.results}: "
-                     "scripts/gpu_check.sh writes them)")
+                     f"`scripts/gpu_check.sh --models {r.preset}` writes them)")
     if needs is not None and needs.missing_datasets:
         lines.append(f"downloads: {', '.join(needs.missing_datasets)} (lmms-eval fetches them on first use; the hub is "
                      f"{needs.hub})")

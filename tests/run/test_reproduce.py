@@ -154,6 +154,7 @@ def test_reproduce_runs_resumes_and_compares(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr()
     assert "prunebench run --methods random --budgets 64 --model random:tiny-llava" in out.out
     assert "no published numbers for random:tiny-llava" in out.out
+    assert "prunebench report --results" in out.out and "--limit 4 --reference" in out.out
     records = list(ResultStore(tmp_path).records())
     assert sorted((r.key.method, r.key.budget, r.key.limit) for r in records) == [("none", "all", 4), ("random", "64", 4)]
     assert all(json.dumps(r.provenance["dtype"]) == '"float32"' and r.provenance["batch_size"] == 1 for r in records)

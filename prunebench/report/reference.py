@@ -471,7 +471,7 @@ def reference_table(records: Iterable[Record], store: ResultStore, registry: lis
     index = pd.MultiIndex.from_tuples([k for k, _ in lines], names=INDEX_NAMES)
     frame = pd.DataFrame([line for _, line in lines], index=index, columns=COLUMNS_SHOWN)
     frame = frame.iloc[_order(index)] if len(frame) else frame
-    return Table("reference", title, frame, columns, notes=_notes(frame, used_caveats, unmatched, n_boot, seed))
+    return Table("reference", title, frame, columns, notes=_notes(frame, model, used_caveats, unmatched, n_boot, seed))
 
 
 def _benchmark_label(benchmark: str, metric: str) -> str:
@@ -490,7 +490,15 @@ def _order(index: pd.MultiIndex) -> list[int]:
                                                     index[i][2], index[i][3]))
 
 
-def _notes(frame: pd.DataFrame, caveats: set[str], unmatched: list[str], n_boot: int, seed: int) -> list[str]:
+# how the papers ran a model, where it differs from a prunebench run
+PROTOCOL_NOTES = {
+    "llava-hf/llava-1.5-7b-hf": " (the papers ran liuhaotian/llava-v1.5-7b, of which llava-hf/llava-1.5-7b-hf is the HF "
+                                "conversion, through LLaVA's scripts: its prompt template, float16, batch 1)",
+}
+
+
+def _notes(frame: pd.DataFrame, model: str, caveats: set[str], unmatched: list[str], n_boot: int,
+           seed: int) -> list[str]:
     verdicts = frame["Verdict"].dropna().astype(str) if len(frame) else pd.Series(dtype=str)
     compared = verdicts[verdicts != "–"]
     counts = ", ".join(f"{v} {int((compared.str.split(';').str[0] == v).sum())}"
@@ -502,8 +510,8 @@ def _notes(frame: pd.DataFrame, caveats: set[str], unmatched: list[str], n_boot:
         f"({n_boot} replicates, seed {seed}); Δ = Ours - Published",
         "Verdict: inside when the published value, widened by half a unit of its last printed digit, meets the "
         "interval; disputed: the papers printing this cell disagree by more than their rounding",
-        "published numbers come from liuhaotian/llava-v1.5-7b run by LLaVA's own scripts (its prompt template, "
-        "float16, batch 1); ours from lmms-eval's tasks on the HF conversion",
+        "published numbers come from each paper's own evaluation code; ours from lmms-eval's tasks"
+        + PROTOCOL_NOTES.get(model, ""),
     ]
     notes += [CAVEATS[c] for c in sorted(caveats)]
     if unmatched:

@@ -410,7 +410,7 @@ def write_parity_store(root: Path) -> ResultStore:
     samples, totals = [], {"mme_perception_score": 0.0, "mme_cognition_score": 0.0}
     for category, (metric, images) in PARITY_MME.items():
         for image, questions in enumerate(images):
-            for question, ok in enumerate(questions):
+            for ok in questions:
                 samples.append({"doc_id": len(samples), "category": category, "question_id": f"{category}/{image}.png",
                                 "output": "Yes" if ok else "No", "target": "Yes", "scores": {metric: float(ok)}})
         totals[metric] += sum(50.0 * sum(q) + 100.0 * (sum(q) == 2) for q in images) / len(images)

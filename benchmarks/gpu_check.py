@@ -63,11 +63,12 @@ from prunebench.profiling.profiler import (
     load_profile_model,
     measure_peaks,
     profile_cells,
+    profile_table,
     report_header,
     synthetic_batch,
     timed_pass,
 )
-from prunebench.profiling.profiler import markdown_table as profile_table
+from prunebench.report.tables import render
 from prunebench.results import Record, ResultStore, slug
 from prunebench.training.selectors import build_selector, save_selector
 
@@ -309,7 +310,7 @@ def check_model(model_name: str, mode: Mode, budgets: tuple[int, ...], store: Re
     for record in result.records:
         record.provenance |= {"command": command, "random_weights": True}
         store.write(record)
-    result.report = report_header(result.records, name, command) + "\n" + profile_table(result.records) + "\n"
+    result.report = report_header(result.records, name, command) + "\n" + render(profile_table(result.records), "md") + "\n"
 
     bench = Bench(engine, inputs, mode.repeats, mode.warmup)
     n_visual = int(result.records[0].visual_tokens["original"])

@@ -36,7 +36,26 @@ _EXPORTS = {
     "load_model": "prunebench.models.loading",
     "CheckpointSelector": "prunebench.training.selectors",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Budget",
+    "BudgetError",
+    "CheckpointSelector",
+    "DecodeConfig",
+    "Method",
+    "MethodError",
+    "PRE_LLM",
+    "PositionPolicy",
+    "PruningEngine",
+    "Selection",
+    "Stage",
+    "StageContext",
+    "UserError",
+    "available_methods",
+    "create_method",
+    "layer_averaged_counts",
+    "load_model",
+    "register_method",
+]
 
 if TYPE_CHECKING:
     from prunebench.budget import Budget, BudgetError, layer_averaged_counts

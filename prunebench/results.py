@@ -15,15 +15,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import importlib.metadata
+import platform
 import re
 import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prunebench.errors import UserError
+
+if TYPE_CHECKING:
+    from prunebench.budget import Budget
 
 SCHEMA_VERSION = 1
 
@@ -194,3 +201,62 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"cannot store {type(value).__name__} in a record")
+
+
+# ---------------------------------------------------------------------------------------------
+# what a record says about its cell: one builder for `prunebench run` and `prunebench profile`
+
+
+def cell_fields(method, budget: Budget, kept: float, equivalent: float, original: float) -> dict[str, Any]:
+    """The Record fields describing what ran: the method's options (defaults included), its stage
+    and position policy, and the visual tokens (nominal K, mean kept after the last stage,
+    layer-averaged as the engine counts them, the image's original count)."""
+    return {
+        "method_options": {f.name: getattr(method, f.name) for f in method.options()},
+        "stage": method.stage,
+        "position_policy": method.positions,
+        "visual_tokens": {
+            "nominal": budget.tokens if budget.tokens and budget.tokens > 0 else None,
+            "mean_kept": kept,
+            "equivalent": equivalent,
+            "original": original,
+        },
+    }
+
+
+PACKAGES = ("prunebench", "torch", "transformers", "lmms_eval")
+
+
+def provenance(*, device: str, dtype: str, command: str, **extra: Any) -> dict[str, Any]:
+    """Where and how a record was made, the same keys for every kind of record: git commit,
+    package versions, device, dtype, command line, host, creation time, plus ``extra``."""
+    return {
+        "git_commit": _git_commit(),
+        "versions": {package: _version(package) for package in PACKAGES},
+        "device": device,
+        "dtype": dtype,
+        "command": command,
+        "host": socket.gethostname(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def cpu_name() -> str:
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

@@ -93,6 +93,24 @@ class Prefill:
     visual_tokens: torch.Tensor
 
 
+@dataclass
+class _PrefillRun:
+    """What one prefill carries from layer to layer: the cache, the layer groups, the current
+    group's mask and rotary embeddings, and the signals a later stage may ask for."""
+
+    cache: DynamicCache
+    visual_tokens: torch.Tensor  # (B, layers): visual tokens entering each layer
+    sample_keys: list[int]
+    groups: list[Group] = field(default_factory=list)
+    group_of_layer: list[int] = field(default_factory=list)
+    group: Group | None = None  # the open group; None until the first layer and after each stage
+    mask: torch.Tensor | None = None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    n_visual: torch.Tensor | None = None
+    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    method_state: dict = field(default_factory=dict)  # shared by the stages of one prefill
+
+
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
@@ -210,80 +228,97 @@ class PruningEngine:
         image_inputs: dict[str, torch.Tensor] | None = None,
         images: EncodedImages | None = None,
     ) -> Prefill:
-        """``images``: the batch's vision output when the caller has it (see :meth:`generate`)."""
+        """The prompt through the decoder, pruning at each stage of the method's schedule.
+
+        Steps: lay out the batch and schedule the stages; embed the prompt with the images in their
+        slots; then for each stage point (pre-LLM, then before each decoder layer) run the method's
+        stage if one is due, open a new layer group after a stage, and run the layer.
+        ``images``: the batch's vision output when the caller has it (see :meth:`generate`)."""
         adapter = self.adapter
         image_inputs = adapter.image_inputs(image_inputs or {})
         positions = adapter.positions(input_ids, attention_mask, **image_inputs)
         layout = TokenLayout.from_inputs(attention_mask, input_ids == adapter.image_token_id, positions)
         stages = self._schedule(method, budget, layout.n_visual)
-
         images = images or self.encode_images(pixel_values, clock, image_inputs)
-        vision, image_embeds = images.vision, images.embeds
-        hidden = adapter.embed(input_ids)
-        self._check_image_tokens(layout, vision.counts)
-        packed = torch.cat([image_embeds[b, :n] for b, n in enumerate(vision.counts)])
-        hidden[layout.visual] = packed.to(hidden.dtype)  # a fresh tensor; 3x faster than masked_scatter on CPU
+        hidden = self._embed_prompt(input_ids, layout, images)
 
-        cache = DynamicCache(config=adapter.decoder.config)
-        # per-sample seeds for methods' generators (a host copy of the ids: only when a stage runs)
-        sample_keys = [zlib.crc32(ids[keep].cpu().numpy().tobytes()) for ids, keep in zip(input_ids, layout.valid)] if stages else []
-        num_layers = adapter.num_layers
-        visual_tokens = torch.zeros(len(layout.n_visual), num_layers, dtype=torch.long, device=self.device)
-        groups: list[Group] = []
-        group_of_layer: list[int] = []
+        run = _PrefillRun(
+            cache=DynamicCache(config=adapter.decoder.config),
+            visual_tokens=torch.zeros(len(layout.n_visual), adapter.num_layers, dtype=torch.long, device=self.device),
+            # per-sample seeds for methods' generators (a host copy of the ids: only when a stage runs)
+            sample_keys=[zlib.crc32(ids[keep].cpu().numpy().tobytes()) for ids, keep in zip(input_ids, layout.valid)]
+            if stages else [],
+        )
         pending = list(stages)
-        layer_inputs: dict[int, torch.Tensor] = {}
-        new_group = True
-        method_state: dict = {}
-
-        for index in range(-1, num_layers):
+        for index in range(-1, adapter.num_layers):
             at = PRE_LLM if index < 0 else index
             if pending and pending[0][0].layer == at:
-                stage_rows = pending.pop(0)
                 with clock("pruner"):
-                    ctx = StageContext(
-                        stage=stage_rows[0],
-                        keep=[s.keep for s in stage_rows],
-                        adapter=adapter,
-                        vision=vision,
-                        image_embeds=image_embeds,
-                        layout=layout,
-                        hidden=hidden,
-                        layer_inputs={**layer_inputs, index: hidden} if index >= 0 else {},
-                        cache=cache,
-                        sample_keys=sample_keys,
-                        seed=getattr(method, "seed", 0),
-                        state=method_state,
-                    )
-                    selection = method.select(ctx)
-                    keep = normalise_keep(selection.keep, layout.n_visual, ctx.keep, method.name)
-                    layout, hidden = layout.prune(hidden, keep, selection.merged, method.positions, selection.leading)
-                new_group = True
+                    layout, hidden = self._run_stage(run, pending.pop(0), method, images, layout, hidden, index)
+                run.group = None  # the layers after a stage see another sequence: a new group
             if index < 0:
                 continue
             with clock("prefill"):
-                if new_group:
-                    group = Group(index, layout.valid.clone(), layout.next_position(), padded=not bool(layout.valid.all()))
-                    groups.append(group)
-                    mask = _prefill_mask(layout.valid) if group.padded or self.eager else None
-                    mask = self._as_attention_mask(mask, hidden.dtype)
-                    position_embeddings = adapter.decoder.rotary_emb(hidden, layout.positions)
-                    n_visual = layout.visual.sum(-1)
-                    new_group = False
-                group_of_layer.append(len(groups) - 1)
-                visual_tokens[:, index] = n_visual
-                layer_inputs = {index: hidden}  # the input of the layer just run stays reachable
-                hidden = adapter.layers[index](
-                    hidden,
-                    attention_mask=mask,
-                    position_embeddings=position_embeddings,
-                    position_ids=_text_positions(layout.positions),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
+                if run.group is None:
+                    self._open_group(run, layout, hidden, index)
+                hidden = self._run_layer(run, layout, hidden, index)
         with clock("prefill"):
             logits = adapter.lm_head(adapter.decoder.norm(hidden[:, -1:]))[:, -1]
-        return Prefill(logits, cache, groups, group_of_layer, layout, visual_tokens.cpu())
+        return Prefill(logits, run.cache, run.groups, run.group_of_layer, layout, run.visual_tokens.cpu())
+
+    def _embed_prompt(self, input_ids: torch.Tensor, layout: TokenLayout, images: EncodedImages) -> torch.Tensor:
+        """Token embeddings with each image's projected features in its image-token slots."""
+        hidden = self.adapter.embed(input_ids)
+        self._check_image_tokens(layout, images.vision.counts)
+        packed = torch.cat([images.embeds[b, :n] for b, n in enumerate(images.vision.counts)])
+        hidden[layout.visual] = packed.to(hidden.dtype)  # a fresh tensor; 3x faster than masked_scatter on CPU
+        return hidden
+
+    def _run_stage(self, run: _PrefillRun, stage_rows: list[Stage], method: Method, images: EncodedImages,
+                   layout: TokenLayout, hidden: torch.Tensor, index: int) -> tuple[TokenLayout, torch.Tensor]:
+        """One pruning stage: the method selects from the signals it asks for; the layout keeps
+        (or merges) the selected visual tokens of every sample."""
+        ctx = StageContext(
+            stage=stage_rows[0],
+            keep=[s.keep for s in stage_rows],
+            adapter=self.adapter,
+            vision=images.vision,
+            image_embeds=images.embeds,
+            layout=layout,
+            hidden=hidden,
+            layer_inputs={**run.layer_inputs, index: hidden} if index >= 0 else {},
+            cache=run.cache,
+            sample_keys=run.sample_keys,
+            seed=getattr(method, "seed", 0),
+            state=run.method_state,
+        )
+        selection = method.select(ctx)
+        keep = normalise_keep(selection.keep, layout.n_visual, ctx.keep, method.name)
+        return layout.prune(hidden, keep, selection.merged, method.positions, selection.leading)
+
+    def _open_group(self, run: _PrefillRun, layout: TokenLayout, hidden: torch.Tensor, index: int) -> None:
+        """Layers from ``index`` to the next stage share one padding mask and one set of positions."""
+        group = Group(index, layout.valid.clone(), layout.next_position(), padded=not bool(layout.valid.all()))
+        run.groups.append(group)
+        mask = _prefill_mask(layout.valid) if group.padded or self.eager else None
+        run.mask = self._as_attention_mask(mask, hidden.dtype)
+        run.position_embeddings = self.adapter.decoder.rotary_emb(hidden, layout.positions)
+        run.n_visual = layout.visual.sum(-1)
+        run.group = group
+
+    def _run_layer(self, run: _PrefillRun, layout: TokenLayout, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        """Decoder layer ``index`` on the current sequence, filling its KV cache."""
+        run.group_of_layer.append(len(run.groups) - 1)
+        run.visual_tokens[:, index] = run.n_visual
+        run.layer_inputs = {index: hidden}  # the input of the layer just run stays reachable
+        return self.adapter.layers[index](
+            hidden,
+            attention_mask=run.mask,
+            position_embeddings=run.position_embeddings,
+            position_ids=_text_positions(layout.positions),
+            past_key_values=run.cache,
+            use_cache=True,
+        )
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, state: Prefill, cfg: DecodeConfig, clock: StageClock, keep_logits: bool = False):

@@ -30,11 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from prunebench.errors import UserError
+
 # bootstrap replicates are drawn in chunks so that one chunk's index array stays this small
 _CHUNK_ELEMENTS = 4_000_000
 
 
-class StatsError(ValueError):
+class StatsError(UserError, ValueError):
     """Per-sample data that cannot rebuild the task's score."""
 
 

@@ -357,7 +357,7 @@ def read_record(path: Path) -> Record:
     try:
         return Record.from_json(json.loads(path.read_text()))
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
-        reason = f"{err.msg} at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else str(err) or type(err).__name__
+        reason = str(err) or type(err).__name__
         raise RecordError(f"{path} is not a readable record ({reason}); delete it, or rerun its cell with --force") from None
 
 

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "profile": ("prunebench.commands.profile", "time vision / pruner / prefill / decode, TFLOPs, KV cache"),
     "report": ("prunebench.commands.report", "accuracy-retention and speed tables (md, latex, csv) and plots"),
     "train": ("prunebench.commands.train", "train a learned selector (autoselect, gumbel)"),
+    "reproduce": ("prunebench.commands.reproduce", "run a paper's protocol and compare with its published numbers"),
 }
 
 

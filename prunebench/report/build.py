@@ -13,6 +13,7 @@ from rich.console import Console
 
 from prunebench.report.accuracy import accuracy_table, agreement_frame, category_table
 from prunebench.report.frames import ReportError
+from prunebench.report.reference import reference_table
 from prunebench.report.significance import compare_table, stats_table
 from prunebench.report.speed import speed_table
 from prunebench.report.tables import FORMATS, Table, print_table, render
@@ -126,8 +127,10 @@ def build_tables(
     seed: int,
     compare: tuple[str, str] | None = None,
     with_stats: bool = True,
+    reference: bool = False,
 ) -> list[Table]:
-    """Every table of one model: accuracy (+ stats) when it has eval records, speed when any has timings."""
+    """Every table of one model: accuracy (+ stats) when it has eval records, speed when any has timings,
+    and with ``reference`` the published numbers beside the measured ones."""
     tables: list[Table] = []
     if any(r.kind == "eval" for r in records):
         tables.append(accuracy_table(records, agreement_frame(records, store)))
@@ -141,16 +144,19 @@ def build_tables(
         raise ReportError("--compare needs eval records")
     if any(r.timing for r in records):
         tables.append(speed_table(records))
+    if reference:
+        tables.append(reference_table(records, store, n_boot=n_boot, seed=seed))
     return tables
 
 
 def write_report(store: ResultStore, models: list[str] | None = None, limit: str | None = None,
                  formats: list[str] | None = None, out: str | None = None, compare: tuple[str, str] | None = None,
                  n_boot: int = 2000, seed: int = 0, show_stats: bool = False, plots: bool = True,
-                 console: Console | None = None, strict: bool = False) -> None:
+                 console: Console | None = None, reference: bool = False, strict: bool = False) -> None:
     """Every table of every model in ``store``: printed, and written under ``out`` (one folder per
-    model) in ``formats`` with plots, or printed in ``formats`` on stdout without ``out``.
-    Unreadable record files are skipped with a warning naming each (``strict``: refused)."""
+    model) in ``formats`` with plots, or printed in ``formats`` on stdout without ``out``; with
+    ``reference``, the published numbers beside the measured ones too. Unreadable record files
+    are skipped with a warning naming each (``strict``: refused)."""
     console = console or Console()
     formats = formats or []
     if n_boot < 1:
@@ -163,7 +169,7 @@ def write_report(store: ResultStore, models: list[str] | None = None, limit: str
     for model, records in loaded.items():
         # the bootstrap is the slow part: skip it when its table goes nowhere
         with_stats = bool(out or formats or show_stats)
-        tables = build_tables(records, store, n_boot, seed, compare, with_stats)
+        tables = build_tables(records, store, n_boot, seed, compare, with_stats, reference)
         for table in tables:
             if table.name != "stats" or show_stats:
                 print_table(table, console)

@@ -26,9 +26,10 @@ from prunebench.errors import UserError
 from prunebench.models.loading import DTYPES
 from prunebench.results import Record, RecordKey, ResultStore, cell_fields, cpu_name, provenance
 from prunebench.run import distributed, inputs, taskspec
+from prunebench.run.console import LOG_NAME, RunProgress, lmms_eval_output
 from prunebench.run.taskdata import TaskData, check_task_data
 
-# the trained tiny LLaVA shipped in prunebench/assets (README "Status" gives its accuracy)
+# the trained tiny LLaVA shipped in prunebench/models/assets (README "Status" gives its accuracy)
 DEFAULT_MODEL = "builtin:tiny-llava"
 # on the default model: every method, in-LLM stages moved early enough that its 4-layer decoder
 # meets K = 64, the learned selectors from the checkpoints shipped for it
@@ -70,6 +71,7 @@ class RunSettings:
     max_new_tokens: int | None = None
     force: bool = False
     vision_cache_mb: int | None = None  # None: 0 on GPU, 2048 on CPU
+    verbose: bool = False  # lmms-eval's output on the terminal, a line per finished cell
     argv: list[str] = field(default_factory=list)  # the command line, recorded in provenance
 
 
@@ -207,11 +209,16 @@ def run(args: RunSettings) -> list[Record]:
     from rich.markup import escape
 
     world = distributed.current()
-    console = Console(stderr=True, quiet=not world.main)
-    # our own progress bar replaces the datasets / lmms-eval tqdm bars
+    # the real stderr, bound now: lmms-eval's output is redirected to a log while cells run
+    console = Console(file=sys.stderr, quiet=not world.main)
+    # our own progress display replaces the datasets / lmms-eval / transformers bars
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")  # lmms-eval's task indexing logs at DEBUG
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" of a local model (downloads keep theirs)
     # 1. everything that can be checked without the model
     checked = check_inputs(args, world)
     store, device = checked.store, checked.device
@@ -221,10 +228,7 @@ def run(args: RunSettings) -> list[Record]:
     from prunebench.engine.generate import PruningEngine
     from prunebench.models.loading import cpu_dtype, load_model
 
-    from transformers.utils import logging as transformers_logging
-
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
-    transformers_logging.disable_progress_bar()  # a bad input after loading stays one line
     model, processor = load_model(args.model, device=device, dtype=dtype)
     engine = PruningEngine(model, processor.tokenizer)
     facts = _model_facts(args.model, engine, processor)
@@ -247,29 +251,36 @@ def run(args: RunSettings) -> list[Record]:
     cache = RunCache(args.vision_cache_mb << 20)
     chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""
     console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, "
-                  f"results in {escape(str(store.root))}")
-    for cell, key, described in zip(cells, keys, cell_inputs):
-        cache.start_task(cell.task)
-        try:
-            action = distributed.broadcast(_decide(store, key, args.force, cell, console) if world.main else None, world)
-            if action == "cached":
-                console.print(f"[dim]cached[/]  {escape(cell.label)}")
-                finished.append(stored[key] if key in stored else store.load(key))  # or finished meanwhile
-                continue
-            if action == "busy":
-                continue
-            spec = taskspec.task_spec(cell.task, _data_path(checked.task_data, cell.task), Path(store.root) / ".task-data")
-            with store.heartbeat(key) if world.main else contextlib.nullcontext():
-                record, samples = evaluate_cell(cell, key, spec, engine, processor, args,
-                                                {**provenance, "inputs": described}, console, world, cache)
+                  f"results in {escape(str(store.root))}"
+                  + ("" if args.verbose else f" (lmms-eval's log: {escape(str(store.root / LOG_NAME))})"))
+    with RunProgress(console, len(cells), args.verbose) as progress:
+        for cell, key, described in zip(cells, keys, cell_inputs):
+            cache.start_task(cell.task)
+            progress.start_cell(cell.label)
+            try:
+                action = distributed.broadcast(_decide(store, key, args.force, cell, progress) if world.main else None,
+                                               world)
+                if action == "cached":
+                    finished.append(stored[key] if key in stored else store.load(key))  # or finished meanwhile
+                    progress.finish_cell(cell.label, "cached")
+                    continue
+                if action == "busy":
+                    progress.finish_cell(cell.label, "skipped")
+                    continue
+                spec = taskspec.task_spec(cell.task, _data_path(checked.task_data, cell.task),
+                                          Path(store.root) / ".task-data")
+                with lmms_eval_output(store.root, args.verbose), \
+                        store.heartbeat(key) if world.main else contextlib.nullcontext():
+                    record, samples = evaluate_cell(cell, key, spec, engine, processor, args,
+                                                    {**provenance, "inputs": described}, progress, world, cache)
+                if world.main:
+                    store.write(record, samples)
+            finally:  # the lock, if this run took it: SIGTERM and Ctrl-C land here too
+                if world.main:
+                    store.release(key)
             if world.main:
-                store.write(record, samples)
-        finally:  # the lock, if this run took it: SIGTERM and Ctrl-C land here too
-            if world.main:
-                store.release(key)
-        if world.main:
-            finished.append(record)
-            console.print(f"[green]done[/]    {escape(cell.label)}: {record.primary_metric} = {record.score:.4g}")
+                finished.append(record)
+                progress.finish_cell(cell.label, f"{record.primary_metric} = {record.score:.4g}")
     if world.main and finished:
         from prunebench.report.build import print_summary
 
@@ -308,7 +319,7 @@ def _check_stored_dtypes(store: ResultStore, stored: dict[RecordKey, Record], dt
                 f"to reuse the stored cells, --force to recompute them in {dtype}, or another --results directory")
 
 
-def _decide(store: ResultStore, key: RecordKey, force: bool, cell: Cell, console) -> str:
+def _decide(store: ResultStore, key: RecordKey, force: bool, cell: Cell, progress: RunProgress) -> str:
     """"cached" (a record exists), "busy" (another live run holds the cell) or "run" (claimed),
     saying so when a lock is taken over or held elsewhere."""
     from rich.markup import escape
@@ -317,55 +328,45 @@ def _decide(store: ResultStore, key: RecordKey, force: bool, cell: Cell, console
         return "cached"
     claim = store.claim(key, force)
     if claim.notice:
-        console.print(f"[yellow]{escape(claim.notice)}[/]")
+        progress.notice(f"[yellow]{escape(claim.notice)}[/]")
     if claim.acquired:
         return "run"
     holder = claim.holder.describe() if claim.holder else "another run"
-    console.print(f"[yellow]skipped[/] {escape(cell.label)}: {escape(holder)} is computing it "
-                  f"(lock {escape(str(claim.lock))}; --force recomputes it anyway)")
+    progress.notice(f"[yellow]skipped[/] {escape(cell.label)}: {escape(holder)} is computing it "
+                    f"(lock {escape(str(claim.lock))}; --force recomputes it anyway)")
     return "busy"
 
 
-def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console,
-                  world: distributed.World, cache=None):
+def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict,
+                  progress: RunProgress | None, world: distributed.World, cache=None):
     """Run one cell through lmms-eval; returns its record and per-sample rows (None off rank 0)."""
     from lmms_eval import evaluator
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     from prunebench.run.lmms_bridge import PrunedVLM, RunCache
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        bar = progress.add_task(cell.label, total=args.limit)
-        cache = cache or RunCache()
-        reused_before = cache.hits
-        lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       on_progress=lambda n: progress.advance(bar, n),
-                       on_requests=lambda n: progress.update(bar, total=n), cache=cache)
-        torch.manual_seed(args.seed)
-        # lmms-eval's "Postprocessing" bar passes disable= itself, so TQDM_DISABLE cannot hide it
-        show_bar = evaluator.tqdm
-        evaluator.tqdm = lambda *a, **kw: show_bar(*a, **{**kw, "disable": True})
-        try:
-            out = evaluator.simple_evaluate(
-                model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
-                verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                fewshot_random_seed=args.seed, bootstrap_iters=0,
-                # score answers on docs without their images, as lmms-eval's own CLI does by default
-                # (decoding every image again cost ~0.6 s a cell on the built-in tasks)
-                cli_args=argparse.Namespace(process_with_media=False),
-                # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
-                distributed_executor_backend="torchrun",
-            )
-        finally:
-            evaluator.tqdm = show_bar
+    cache = cache or RunCache()
+    reused_before = cache.hits
+    lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
+                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                   on_progress=progress.advance_samples if progress else None,
+                   on_requests=progress.set_samples if progress else None, cache=cache)
+    torch.manual_seed(args.seed)
+    # lmms-eval's "Postprocessing" bar passes disable= itself, so TQDM_DISABLE cannot hide it
+    show_bar = evaluator.tqdm
+    evaluator.tqdm = lambda *a, **kw: show_bar(*a, **{**kw, "disable": True})
+    try:
+        out = evaluator.simple_evaluate(
+            model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
+            verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed, bootstrap_iters=0,
+            # score answers on docs without their images, as lmms-eval's own CLI does by default
+            # (decoding every image again cost ~0.6 s a cell on the built-in tasks)
+            cli_args=argparse.Namespace(process_with_media=False),
+            # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
+            distributed_executor_backend="torchrun",
+        )
+    finally:
+        evaluator.tqdm = show_bar
     all_stats = {k: v for part in distributed.gather(lm.stats, world) for k, v in part.items()}
     if not world.main:
         return None, None

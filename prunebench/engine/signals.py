@@ -192,7 +192,7 @@ class StageContext:
                 return cached
         attn = self._adapter.layers[layer].self_attn
         normed = self._adapter.layers[layer].input_layernorm(self.layer_input(layer))
-        k = attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+        k = _head_norm(attn, "k_norm", attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)).transpose(1, 2)
         cos, sin = self._rotary(normed)
         return self._rope(k, cos, sin)
 
@@ -211,7 +211,7 @@ class StageContext:
         hidden = self.layer_input(layer)
         picked = hidden.gather(1, row_slots[..., None].expand(-1, -1, hidden.shape[-1]))
         q = attn.q_proj(block.input_layernorm(picked))
-        q = q.view(*q.shape[:-1], -1, attn.head_dim).transpose(1, 2)  # (B, H, R, d)
+        q = _head_norm(attn, "q_norm", q.view(*q.shape[:-1], -1, attn.head_dim)).transpose(1, 2)  # (B, H, R, d)
         cos, sin = self._rotary(hidden, slots=row_slots)
         q = self._rope(q, cos, sin)
         k = self.keys(layer)
@@ -255,3 +255,10 @@ class StageContext:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rotated, _ = self._adapter.apply_rotary(x, x, cos, sin)
         return rotated
+
+
+def _head_norm(attn, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The per-head RMSNorm Qwen3-family attention applies to queries / keys before rotary
+    (``q_norm`` / ``k_norm``); other decoders have none."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)

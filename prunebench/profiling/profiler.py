@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunebench.models.backbones import BUILTIN as BUILTIN_BACKBONES
+from prunebench.models.loading import BACKBONES as BUILTIN_BACKBONES
 from prunebench.budget import Budget, BudgetError
 from prunebench.engine.generate import DecodeConfig, PruningEngine
 from prunebench.profiling.flops import (

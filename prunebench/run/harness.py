@@ -52,6 +52,9 @@ DEFAULT_BUDGETS = "192,128,64"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local dir, or built-in name (default {DEFAULT_MODEL})")
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (part of the records' model name)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the checkpoint run its own Python code (off by default; the supported families need none)")
     parser.add_argument("--methods", default=None,
                         help=f"comma list, options as name:key=value (default on {DEFAULT_MODEL}: {BUILTIN_METHODS}; "
                              f"on other models: {TRAINING_FREE_METHODS})")
@@ -161,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
     from prunebench.models.loading import cpu_dtype, load_model
 
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
-    model, processor = load_model(args.model, device=device, dtype=dtype)
+    model, processor = load_model(args.model, device=device, dtype=dtype, revision=args.revision,
+                                  trust_remote_code=args.trust_remote_code)
     engine = PruningEngine(model, processor.tokenizer)
     n_visual, varies = _visual_token_bound(engine, processor)
     check_schedules(methods, budgets, n_visual, engine.adapter.num_layers, args.model, varies)
@@ -178,7 +182,8 @@ def main(args: argparse.Namespace) -> int:
     from prunebench.run.lmms_bridge import RunCache
 
     cache = RunCache(args.vision_cache_mb << 20)
-    keys = [RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit) for cell in cells]
+    model_name = args.model + (f"@{args.revision}" if args.revision else "")  # another revision, other records
+    keys = [RecordKey(model_name, cell.method.spec(), str(cell.budget), cell.task, args.limit) for cell in cells]
     if not args.force:
         _check_stored_dtypes(store, keys, dtype)
     chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from pathlib import Path
 
 from prunebench.errors import UserError
@@ -86,11 +85,13 @@ def check_data_reachable(task: str, data: str | None) -> None:
         return
     from huggingface_hub import constants
 
+    from prunebench.models.hub import hub_reachable
+
     cached = Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}"
     if cached.exists():
         return
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    if offline or not _hub_reachable(constants.ENDPOINT):
+    if offline or not hub_reachable():
         raise TaskError(
             f"task {task!r} needs the dataset {dataset!r}, which is not in the local cache "
             f"({constants.HF_HUB_CACHE}; HF_HOME={constants.HF_HOME}) and the hub "
@@ -98,17 +99,6 @@ def check_data_reachable(task: str, data: str | None) -> None:
             f"Download it on a connected machine (`hf download --repo-type dataset {dataset}`) and copy "
             f"HF_HOME over, or run the task on local data: --task-data {task}=/path/file.parquet"
         )
-
-
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    from urllib.parse import urlparse
-
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def base_config(task: str) -> dict:

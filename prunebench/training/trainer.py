@@ -265,7 +265,7 @@ def _match_columns(names: list[str], overrides: dict[str, str], source: str) -> 
 
 def open_dataset(spec: str, split: str = "train", columns: dict[str, str] | None = None,
                  caption_prompt: str = CAPTION_PROMPT) -> Dataset:
-    """``synthetic[:N]``, a ``.jsonl``/``.parquet`` file, or a Hugging Face dataset id (local cache only)."""
+    """``synthetic[:N]``, a ``.jsonl``/``.parquet`` file, or a Hugging Face dataset id (downloaded on demand)."""
     columns = columns or {}
     if spec == "synthetic" or spec.startswith("synthetic:"):
         _, _, size = spec.partition(":")
@@ -306,18 +306,14 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _hub_dataset(repo_id: str, split: str):
-    """A dataset from the local Hugging Face cache; never downloads (fails fast offline)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    """A Hugging Face dataset, downloaded on demand when the hub is reachable, else from the local
+    cache (failing at once, with what to run on a connected machine, when it is not there)."""
+    from prunebench.models.hub import HubUnavailableError, snapshot
 
     try:
-        local = snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
-    except (LocalEntryNotFoundError, HFValidationError, OSError) as err:
-        raise DataError(
-            f"--data {repo_id!r}: not a .jsonl/.parquet file and not a dataset in the local Hugging Face cache "
-            f"({err.__class__.__name__}). prunebench reads local files only: download it first "
-            f"(`hf download --repo-type dataset {repo_id}`), or use --data synthetic for a smoke run."
-        ) from None
+        local = snapshot(repo_id, repo_type="dataset")
+    except HubUnavailableError as err:
+        raise DataError(f"--data {repo_id!r}: not a .jsonl/.parquet file, and {err} (--data synthetic runs a smoke test)") from None
     import datasets
 
     try:
@@ -505,7 +501,7 @@ def _loop(cfg: TrainConfig, accelerator, wrapped, optimizer, adapter: LlavaAdapt
 
 def _load_frozen(cfg: TrainConfig, device: torch.device):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    return load_model(cfg.model, device=str(device), dtype=dtype)  # a model not in the local cache: UserError
+    return load_model(cfg.model, device=str(device), dtype=dtype)  # a model neither cached nor downloadable: UserError
 
 
 @contextmanager
@@ -627,10 +623,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny-llava: also save the model as it is before the language stage in DIR")
     parser.add_argument("--from-handover", type=Path, default=None, metavar="DIR",
                         help="tiny-llava: run only the language stage, from a state saved with --handover")
-    parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), builtin:tiny-llava or random:tiny-llava")
+    parser.add_argument("--model", default="random:tiny-llava", help="hub id (downloaded on demand) or local dir, builtin:tiny-llava or random:tiny-llava")
     parser.add_argument("--data", default="synthetic",
                         help="a .jsonl/.parquet of image + caption (or question + answer), a Hugging Face dataset id "
-                             "in the local cache, or synthetic[:N] (questions about the built-in tasks' world, drawn in code)")
+                             "(downloaded on demand), or synthetic[:N] (questions about the built-in tasks' world, drawn in code)")
     parser.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
     parser.add_argument("--columns", default="", metavar="ROLE=COL,...",
                         help="column names when not guessed: image=..,caption=.. or image=..,question=..,answer=..")

@@ -1,10 +1,11 @@
 """`prunebench profile`: where a pruned VLM spends its time, stage by stage, against the hardware.
 
 Every method x budget runs the same synthetic batch (random token ids around one image-token
-block, random pixels: speed does not depend on content) through the engine. On LLaVA-NeXT and
-Qwen-VL the visual tokens depend on the image's size (``--image-size``, default 672x672 px: the
-largest anyres pinpoint of LLaVA-NeXT-7B, 2928 tokens; 576 tokens on Qwen2-VL, as LLaVA-1.5);
-LLaVA-1.5 resizes every image to its 336 px grid. Then: ``warmup`` untimed
+block, random pixels: speed does not depend on content) through the engine. On every backbone
+but LLaVA-1.5 the visual tokens depend on the image's size (``--image-size``, default 672x672 px:
+the largest anyres pinpoint of LLaVA-NeXT-7B, 2928 tokens; 576 tokens on Qwen2-VL, as LLaVA-1.5;
+441 on Qwen3-VL; 1280 on InternVL3, 4 tiles + thumbnail); LLaVA-1.5 resizes every image to its
+336 px grid. Then: ``warmup`` untimed
 passes, then ``repeats`` timed ones of prefill + ``decode_tokens`` greedy tokens, interleaved
 across the cells so that drifting device speed hits every cell alike. The engine's
 StageClock splits a pass into disjoint spans::
@@ -46,14 +47,18 @@ from prunebench.budget import Budget, BudgetError
 from prunebench.engine.generate import DecodeConfig, PruningEngine
 from prunebench.profiling.flops import (
     FORMULA,
+    SMOLVLM,
     DecoderGeometry,
     anyres_crops,
     decode_flops_per_step,
     image_tokens,
+    internvl_tiles,
     kv_cache_bytes,
     prefill_flops,
     qwen_patch_grid,
     roofline_ms,
+    smolvlm_tiles,
+    tile_side,
     vision_flops,
 )
 from prunebench.engine.method import Method, MethodError, create_method, parse_method_list
@@ -96,8 +101,10 @@ def synthetic_batch(config, batch_size: int, prompt_tokens: int, device: torch.d
                     image_size: tuple[int, int] = ProfileSettings.image_size) -> dict[str, torch.Tensor]:
     """``batch_size`` equal prompts of ``prompt_tokens`` random text tokens with one image block, and
     the vision inputs of one ``image_size`` (height, width) image each, shaped as the model's own
-    processor shapes them: LLaVA-1.5 ``(B, 3, 336, 336)``; LLaVA-NeXT ``(B, 1 + crops, 3, 336,
-    336)`` with ``image_sizes``; Qwen-VL ``(B x patches, 3 x 2 x 14 x 14)`` with ``image_grid_thw``."""
+    processor shapes them: LLaVA-1.5 ``(B, 3, 336, 336)``; LLaVA-NeXT / OneVision ``(B, 1 + crops,
+    3, S, S)`` with ``image_sizes``; Qwen-VL ``(B x patches, 3 x 2 x P x P)`` with
+    ``image_grid_thw``; InternVL ``(B x tiles, 3, 448, 448)`` with ``image_tiles``; SmolVLM
+    ``(B, tiles, 3, S, S)`` with ``pixel_attention_mask``."""
     image_token = config.image_token_id
     vocab = config.text_config.vocab_size
     generator = torch.Generator().manual_seed(seed)
@@ -111,9 +118,17 @@ def synthetic_batch(config, batch_size: int, prompt_tokens: int, device: torch.d
     extra: dict[str, torch.Tensor] = {}
     if config.model_type == "llava":
         shape = (batch_size, vision.num_channels, vision.image_size, vision.image_size)
-    elif config.model_type == "llava_next":
+    elif config.model_type in ("llava_next", "llava_onevision"):
         shape = (batch_size, anyres_crops(config, height, width), vision.num_channels, vision.image_size, vision.image_size)
         extra["image_sizes"] = torch.tensor([[height, width]] * batch_size)
+    elif config.model_type == "internvl":  # every image's tiles, one after the other
+        tiles, side = internvl_tiles(config, height, width), tile_side(vision.image_size)
+        shape = (batch_size * tiles, vision.num_channels, side, side)
+        extra["image_tiles"] = torch.tensor([tiles] * batch_size)
+    elif config.model_type in SMOLVLM:
+        tiles = smolvlm_tiles(config, height, width)
+        shape = (batch_size, tiles, vision.num_channels, vision.image_size, vision.image_size)
+        extra["pixel_attention_mask"] = torch.ones(batch_size, tiles, vision.image_size, vision.image_size, dtype=torch.bool)
     else:  # Qwen-VL: the flattened patches of every image, one after the other
         rows, cols = qwen_patch_grid(config, height, width)
         shape = (batch_size * rows * cols, vision.in_channels * vision.temporal_patch_size * vision.patch_size**2)
@@ -474,7 +489,7 @@ def report_header(records: list[Record], model_name: str, command: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="random:mid-llava",
                         help=", ".join([*BUILTIN_RANDOM, *BUILTIN_BACKBONES]) + ", a preset (" + ", ".join(preset_names()) +
-                        "; random weights), or a LLaVA / LLaVA-NeXT / Qwen-VL hub id or local directory")
+                        "; random weights), or a hub id or local directory of a supported family")
     parser.add_argument("--methods", default="none,random", help="method list, e.g. 'random:seed=1,fastv:layer=3'")
     parser.add_argument("--budgets", default="192,128,64", help="visual tokens kept: counts, fractions (0.25, 25%%) or 'all'")
     parser.add_argument("--random-weights", action="store_true",
@@ -486,8 +501,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text tokens around the image")
     parser.add_argument("--image-size", type=_image_size, default=ProfileSettings.image_size, metavar="HxW",
                         help="the synthetic image, height x width px (default 672x672); sets the visual tokens of "
-                        "LLaVA-NeXT and Qwen-VL (Qwen-VL rounds its sides to multiples of 28 px; LLaVA-1.5 resizes any "
-                        "image to 336x336)")
+                        "every backbone but LLaVA-1.5, which resizes any image to 336x336 (Qwen-VL rounds its sides to "
+                        "multiples of 28 px, 32 on Qwen3-VL; InternVL and SmolVLM cut it into tiles)")
     parser.add_argument("--warmup", type=_at_least(0), default=ProfileSettings.warmup)
     parser.add_argument("--repeats", type=_at_least(1), default=ProfileSettings.repeats)
     parser.add_argument("--decode-tokens", type=_at_least(1), default=ProfileSettings.decode_tokens,

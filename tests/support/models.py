@@ -86,7 +86,7 @@ class Backbone:
 FAMILIES = {
     "internvl3": ("build_tiny_internvl", {"version": "3"}, "INTERNVL_PROMPT_TEMPLATE", ((40, 40), (56, 100), (80, 80))),
     "internvl3.5": ("build_tiny_internvl", {"version": "3.5"}, "INTERNVL_PROMPT_TEMPLATE", ((40, 40), (56, 100), (80, 80))),
-    "llava-onevision": ("build_tiny_llava_onevision", {}, "ONEVISION_PROMPT_TEMPLATE", ((56, 100), (112, 60), (80, 80))),
+    "llava-onevision": ("build_tiny_llava_onevision", {}, "ONEVISION_PROMPT_TEMPLATE", ((56, 100), (112, 60), (170, 160))),
     "qwen3-vl": ("build_tiny_qwen3_vl", {}, "QWEN3_PROMPT_TEMPLATE", ((112, 84), (140, 112), (96, 160))),
     "smolvlm": ("build_tiny_smolvlm", {"version": "1"}, "SMOLVLM_PROMPT_TEMPLATE", ((56, 100), (40, 100), (80, 80))),
     "smolvlm2": ("build_tiny_smolvlm", {"version": "2"}, "SMOLVLM_PROMPT_TEMPLATE", ((56, 100), (40, 100), (80, 80))),

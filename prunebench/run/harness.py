@@ -162,6 +162,7 @@ def main(args: argparse.Namespace) -> int:
     # 2. the model (a missing checkpoint fails here, within seconds)
     from prunebench.engine.generate import PruningEngine
     from prunebench.models.loading import cpu_dtype, load_model
+    from prunebench.run.servable import servable_methods
 
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
     model, processor = load_model(args.model, device=device, dtype=dtype, revision=args.revision,
@@ -169,6 +170,7 @@ def main(args: argparse.Namespace) -> int:
     engine = PruningEngine(model, processor.tokenizer)
     n_visual, varies = _visual_token_bound(engine, processor)
     check_schedules(methods, budgets, n_visual, engine.adapter.num_layers, args.model, varies)
+    methods = servable_methods(methods, engine, processor, args.model, listed=args.methods is not None, note=console.print)
 
     # 3. tasks (needs lmms-eval's task index)
     taskspec.check_known(tasks)

@@ -216,3 +216,28 @@ def test_load_model_builds_the_tiny_families(name, cls):
     model, processor = load_model(name)
     assert type(model).__name__ == cls and processor.tokenizer.padding_side == "left"
     assert processor.chat_template  # prompts go through the family's own template
+
+
+@pytest.mark.parametrize("name", ["random:tiny-internvl3", "random:tiny-llava-onevision", "random:tiny-qwen3-vl",
+                                  "random:tiny-smolvlm"])
+def test_lmms_eval_prompts_go_through_the_models_chat_template(name):
+    """The lmms-eval bridge writes each question with the processor's own chat template (the
+    family's image block included) and encodes it with the processor: the image tokens it hands
+    the engine are those the processor expands for that image."""
+    pytest.importorskip("lmms_eval")
+    from support.models import make_image
+
+    from prunebench.engine.generate import PruningEngine
+    from prunebench.models.loading import load_model
+    from prunebench.run.lmms_bridge import PrunedVLM
+
+    model, processor = load_model(name)
+    bridge = PrunedVLM(PruningEngine(model, processor.tokenizer), processor, None, Budget.all())
+    prompt = bridge._prompt("<image>\nis there a cat ?")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is there a cat ?"}]}]
+    assert prompt == processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = make_image(90, 120, 0)
+    inputs = bridge._encode([prompt], [image])
+    expected = processor(images=[image], text=[prompt], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], expected["input_ids"])
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) > 0

@@ -99,7 +99,7 @@ def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa"):
 
 # -- Qwen2-VL / Qwen2.5-VL -----------------------------------------------------------------------
 class QwenVLInputs:
-    """A processor for Qwen2-VL-family models made of the PIL image processor and a tokenizer.
+    """A processor for Qwen2-VL, Qwen2.5-VL and Qwen3-VL made of the PIL image processor and a tokenizer.
 
     ``__call__(images=, text=)`` returns ``input_ids``, ``attention_mask``, ``pixel_values``
     (all images' flattened patches), ``image_grid_thw`` and ``mm_token_type_ids``, as

@@ -32,11 +32,19 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     SmolVLMForConditionalGeneration,
 )
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+)
 
 from prunebench.errors import ModelNotFoundError, UserError
 from prunebench.models import backbones, families, hub
-from prunebench.models.tiny import BUILTIN_RANDOM, BUILTIN_SPEC, build_processor, build_tiny_llava, build_tokenizer
+from prunebench.models.tiny import (
+    BUILTIN_RANDOM,
+    BUILTIN_SPEC,
+    build_processor,
+    build_tiny_llava,
+    build_tokenizer,
+)
 
 ASSETS = Path(__file__).parent / "assets"
 # trained models shipped with prunebench (prunebench/training/recipe.py trains them)

@@ -218,7 +218,9 @@ def test_llava_onevision_7b_tokens_follow_its_processor_and_vision_flops_by_hand
     """LLaVA-OneVision-7B: 729 base tokens + the unpadded crop grid + a newline per row; a grid of
     more than 1.1^2 x 9 crops' worth is interpolated down (2304x2304 px: 162x162 -> 81x81)."""
     from transformers import LlavaOnevisionProcessor
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
 
     from prunebench.models.families import image_only
 
@@ -240,7 +242,11 @@ def test_smolvlm_256m_geometry_tokens_follow_its_processor():
     """SmolVLM-256M's image geometry (512 px tiles, patch 16, pixel shuffle 4: 64 tokens a tile;
     longest edge 2048 px) with the decoder made small: the FLOPs model counts its tiles as
     Idefics3's processor cuts them."""
-    from transformers import Idefics3Config, Idefics3ImageProcessorPil, Idefics3Processor
+    from transformers import (
+        Idefics3Config,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
 
     config = Idefics3Config(vision_config={"image_size": 512, "patch_size": 16, "hidden_size": 768},
                             text_config={"model_type": "llama", "hidden_size": 64}, scale_factor=4)

@@ -24,6 +24,8 @@ only; the processor's own prompt expansion stays).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import (
     GotOcr2ImageProcessorPil,
@@ -91,13 +93,23 @@ def _chat_template(image: str) -> str:
 
 def image_only(processor_class):
     """``processor_class`` without a video processor (images only). ``ProcessorMixin`` takes its
-    sub-processors from ``__init__``'s signature, so the one without ``video_processor`` loads and
-    builds none; saved, it still names the original class."""
+    sub-processors and the settings it saves from ``__init__``'s signature, which here is the
+    parent's less ``video_processor`` (none is loaded or built), and the settings it loads
+    (``image_seq_length``, ``num_image_tokens``, ...) from the parent's parameters; saved, it names
+    the original class."""
+    parent = inspect.signature(processor_class.__init__)
+    settings = [name for name in parent.parameters if name not in ("self", "video_processor", "args", "kwargs")]
 
     class ImageOnly(processor_class):
         def __init__(self, image_processor, tokenizer, chat_template=None, **kwargs):
             processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
+        @staticmethod
+        def validate_init_kwargs(processor_config, valid_kwargs):
+            return processor_class.validate_init_kwargs(processor_config, [*valid_kwargs, *settings])
+
+    ImageOnly.__init__.__signature__ = parent.replace(
+        parameters=[p for p in parent.parameters.values() if p.name != "video_processor"])
     ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
     return ImageOnly
 

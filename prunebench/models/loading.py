@@ -144,6 +144,8 @@ def load_pretrained(name: str, device: str, dtype: torch.dtype, revision: str | 
         processor = load_processor(name, **kwargs)
     except OSError as err:
         raise hub.unavailable(name, what, offline, err, revision) from None
+    except ImportError as err:  # a processor needing an optional package (SmolVLM2's: num2words)
+        raise UserError(f"cannot load the processor of {name!r}: {err}") from None
     tokenizer = processor.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

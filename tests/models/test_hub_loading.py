@@ -181,3 +181,40 @@ def _png(seed: int) -> bytes:
     buffer = io.BytesIO()
     make_image(16, 16, seed).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("builder,kwargs", [("build_tiny_qwen3_vl", {}), ("build_tiny_internvl", {"version": "3.5"}),
+                                            ("build_tiny_llava_onevision", {}), ("build_tiny_smolvlm", {"version": "1"})])
+def test_a_saved_checkpoint_of_each_family_loads_with_its_processor_and_chat_template(tmp_path, builder, kwargs):
+    """From a local directory: the model class its config names, the processor without a video
+    processor (no torchvision needed), the chat template the checkpoint ships (Qwen-VL: its own
+    chat_template.jinja when the tokenizer has none)."""
+    from prunebench.models import families
+
+    model, processor = getattr(families, builder)(**kwargs)
+    model.save_pretrained(tmp_path)
+    if isinstance(processor, families.QwenVLInputs):
+        processor.image_processor.save_pretrained(tmp_path)
+        processor.tokenizer.save_pretrained(tmp_path)
+        (tmp_path / "chat_template.jinja").write_text(processor.chat_template)
+    else:
+        processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = loading.load_model(str(tmp_path))
+    assert type(loaded) is type(model) and loaded_processor.chat_template == processor.chat_template
+    assert answers_of(loaded, loaded_processor) == answers_of(model, processor)
+
+
+def answers_of(model, processor) -> list[list[int]]:
+    from support.models import FAMILIES
+
+    name = {"Qwen3VLForConditionalGeneration": "qwen3-vl", "InternVLForConditionalGeneration": "internvl3.5",
+            "LlavaOnevisionForConditionalGeneration": "llava-onevision"}.get(type(model).__name__, "smolvlm")
+    from prunebench.models import families
+
+    template = getattr(families, FAMILIES[name][2])
+    images = [make_image(h, w, i) for i, (h, w) in enumerate(FAMILIES[name][3][:2])]
+    inputs = processor(images=images, text=[template.format(question=q) for q in QUESTIONS[:2]], return_tensors="pt",
+                       padding=True)
+    engine = PruningEngine(model, processor.tokenizer)
+    return engine.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                           decode=DecodeConfig(max_new_tokens=4), image_inputs=engine.adapter.image_inputs(inputs)).tokens

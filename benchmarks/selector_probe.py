@@ -1,7 +1,7 @@
 """Do trained selectors keep the patches that hold the content? A proxy check on synthetic images.
 
-    python -m prunebench.benchmarks.selector_probe --kind autoselect     # the shipped checkpoint
-    python -m prunebench.benchmarks.selector_probe --kind autoselect --ckpt DIR --model MODEL
+    python -m benchmarks.selector_probe --kind autoselect     # the shipped checkpoint
+    python -m benchmarks.selector_probe --kind autoselect --ckpt DIR --model MODEL
 
 On images of the built-in world the trainer never saw (another seed), a patch is *foreground*
 when any of its pixels differs from the background. For K = 64 / 128 the probe reports the recall

@@ -1,6 +1,6 @@
 """AutoSelect (arXiv 2603.07135): a trained, question-agnostic scorer keeps the top-K tokens.
 
-Train the scorer with ``prunebench train autoselect`` (see prunebench/train.py). At inference only
+Train the scorer with ``prunebench train autoselect`` (see prunebench/training/trainer.py). At inference only
 the scorer runs (the soft top-K gate and the denoiser are training-only): hard top-K of its logits
 on the vision features before the projector, kept in their original order.
 """

@@ -14,11 +14,12 @@ from prunebench.errors import UserError
 
 # name -> (module, one-line help). A module that does not exist yet is reported as not built.
 SUBCOMMANDS = {
-    "run": ("prunebench.run.harness", "evaluate methods x budgets x tasks through lmms-eval"),
+    "run": ("prunebench.commands.run", "evaluate methods x budgets x tasks through lmms-eval"),
     "list": ("prunebench.commands.listing", "list methods (with stage and options), tasks and models"),
-    "profile": ("prunebench.profiling.profiler", "time vision / pruner / prefill / decode, TFLOPs, KV cache"),
-    "report": ("prunebench.report.build", "accuracy-retention and speed tables (md, latex, csv) and plots"),
-    "train": ("prunebench.training.trainer", "train a learned selector (autoselect, gumbel)"),
+    "profile": ("prunebench.commands.profile", "time vision / pruner / prefill / decode, TFLOPs, KV cache"),
+    "report": ("prunebench.commands.report", "accuracy-retention and speed tables (md, latex, csv) and plots"),
+    "train": ("prunebench.commands.train", "train a learned selector (autoselect, gumbel)"),
+    "reproduce": ("prunebench.commands.reproduce", "run a paper's protocol and compare with its published numbers"),
 }
 
 

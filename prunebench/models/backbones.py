@@ -178,10 +178,3 @@ def build_tiny_qwen2_vl(seed: int = 0, attn_implementation: str = "sdpa", versio
     model = _finish(model_class(config), tokenizer, attn_implementation)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_PIXELS[0], max_pixels=QWEN_PIXELS[1])
     return model, QwenVLInputs(image_processor, tokenizer)
-
-
-BUILTIN = {
-    "random:tiny-llava-next": lambda: build_tiny_llava_next(),
-    "random:tiny-qwen2-vl": lambda: build_tiny_qwen2_vl(version="2"),
-    "random:tiny-qwen2.5-vl": lambda: build_tiny_qwen2_vl(version="2.5"),
-}

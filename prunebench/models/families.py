@@ -242,13 +242,3 @@ def build_tiny_smolvlm(version: str = "1", seed: int = 0, attn_implementation: s
                                        max_image_size={"longest_edge": SMOLVLM_TILE}, do_image_splitting=True)
     processor = Idefics3Processor(images, tokenizer, image_seq_len=per_tile, chat_template=_chat_template("<image>"))
     return model, processor
-
-
-BUILTIN = {
-    "random:tiny-internvl3": lambda: build_tiny_internvl("3"),
-    "random:tiny-internvl3.5": lambda: build_tiny_internvl("3.5"),
-    "random:tiny-llava-onevision": lambda: build_tiny_llava_onevision(),
-    "random:tiny-qwen3-vl": lambda: build_tiny_qwen3_vl(),
-    "random:tiny-smolvlm": lambda: build_tiny_smolvlm("1"),
-    "random:tiny-smolvlm2": lambda: build_tiny_smolvlm("2"),
-}

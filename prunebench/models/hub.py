@@ -31,14 +31,14 @@ def offline_reason() -> str | None:
     return None
 
 
-def hub_reachable() -> bool:
-    """Whether the hub answers within a few seconds, asked through huggingface_hub's own HTTP client
-    (so proxies and certificates configured for it apply)."""
+def hub_reachable(endpoint: str | None = None) -> bool:
+    """Whether the hub (``endpoint``, default huggingface_hub's) answers within a few seconds, asked
+    through huggingface_hub's own HTTP client (so proxies and certificates configured for it apply)."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
     try:
-        get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
+        get_session().head(endpoint or constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - any transport failure means: not reachable now
         return False
     return True

@@ -5,39 +5,23 @@ only with ``HF_HUB_OFFLINE=1`` or an unreachable hub (then a missing one fails w
 naming what to run on a connected machine; see :mod:`prunebench.models.hub`). Weights are
 created straight on the target device in the target dtype (``device_map``), so a 7B model on a
 GPU never has a full-precision copy in CPU memory. Remote code runs only when asked for; the
-supported families are native to transformers and need none.
+supported families are native to transformers and need none. The families beyond LLaVA-1.5 are
+imported when used: their processors need newer transformers releases than the engine does.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    Idefics3ForConditionalGeneration,
-    Idefics3Processor,
-    InternVLForConditionalGeneration,
-    InternVLProcessor,
-    LlavaForConditionalGeneration,
-    LlavaNextForConditionalGeneration,
-    LlavaNextProcessor,
-    LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionProcessor,
-    LlavaProcessor,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLForConditionalGeneration,
-    Qwen3VLForConditionalGeneration,
-    SmolVLMForConditionalGeneration,
-)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-    Qwen2VLImageProcessorPil,
-)
+import transformers
+from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from prunebench.errors import ModelNotFoundError, UserError
-from prunebench.models import backbones, families, hub
+from prunebench.models import hub
 from prunebench.models.tiny import (
     BUILTIN_RANDOM,
     BUILTIN_SPEC,
@@ -49,21 +33,60 @@ from prunebench.models.tiny import (
 ASSETS = Path(__file__).parent / "assets"
 # trained models shipped with prunebench (prunebench/training/recipe.py trains them)
 BUILTIN_TRAINED = {"builtin:tiny-llava": ASSETS / "tiny-llava"}
-# tiny random backbones of every supported family, built in code
-BACKBONES = {**backbones.BUILTIN, **families.BUILTIN}
+# tiny random backbones of every supported family: name -> (module of prunebench.models, builder, arguments)
+BACKBONES = {
+    "random:tiny-llava-next": ("backbones", "build_tiny_llava_next", {}),
+    "random:tiny-qwen2-vl": ("backbones", "build_tiny_qwen2_vl", {"version": "2"}),
+    "random:tiny-qwen2.5-vl": ("backbones", "build_tiny_qwen2_vl", {"version": "2.5"}),
+    "random:tiny-qwen3-vl": ("families", "build_tiny_qwen3_vl", {}),
+    "random:tiny-internvl3": ("families", "build_tiny_internvl", {"version": "3"}),
+    "random:tiny-internvl3.5": ("families", "build_tiny_internvl", {"version": "3.5"}),
+    "random:tiny-llava-onevision": ("families", "build_tiny_llava_onevision", {}),
+    "random:tiny-smolvlm": ("families", "build_tiny_smolvlm", {"version": "1"}),
+    "random:tiny-smolvlm2": ("families", "build_tiny_smolvlm", {"version": "2"}),
+}
+# the architectures a checkpoint may declare (each has an engine adapter), and how its processor loads
+ARCHITECTURES = (
+    "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+    "InternVLForConditionalGeneration", "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+)
 
 
-def _qwen_inputs(name: str, **kwargs) -> backbones.QwenVLInputs:
-    """Qwen2-VL / 2.5-VL / 3-VL inputs from a checkpoint's image processor and tokenizer; the chat
-    template is the tokenizer's, else the processor's own file."""
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    template = tokenizer.chat_template or _processor_chat_template(name, **kwargs)
-    return backbones.QwenVLInputs(Qwen2VLImageProcessorPil.from_pretrained(name, **kwargs), tokenizer, template)
+def build_backbone(name: str):
+    """(model, processor) of a tiny random backbone of ``BACKBONES``."""
+    module, builder, kwargs = BACKBONES[name]
+    return getattr(importlib.import_module(f"prunebench.models.{module}"), builder)(**kwargs)
+
+
+def load_processor(architecture: str, name: str, **kwargs):
+    """The processor of a checkpoint: the family's own class, images only where its video processor
+    would need torchvision (a CPU install has none); Qwen-VL inputs built from the image processor
+    and the tokenizer (``backbones.QwenVLInputs``)."""
+    from prunebench.models import backbones, families
+
+    if architecture.startswith("Qwen"):
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        template = tokenizer.chat_template or _processor_chat_template(name, **kwargs)
+        return backbones.QwenVLInputs(Qwen2VLImageProcessorPil.from_pretrained(name, **kwargs), tokenizer, template)
+    processor_class = {
+        "LlavaForConditionalGeneration": transformers.LlavaProcessor,
+        "LlavaNextForConditionalGeneration": transformers.LlavaNextProcessor,
+        "LlavaOnevisionForConditionalGeneration": families.image_only(transformers.LlavaOnevisionProcessor),
+        "InternVLForConditionalGeneration": families.image_only(transformers.InternVLProcessor),
+        "Idefics3ForConditionalGeneration": transformers.Idefics3Processor,
+        "SmolVLMForConditionalGeneration": families.SmolVLMImageProcessor,
+    }[architecture]
+    return processor_class.from_pretrained(name, **kwargs)
 
 
 def _processor_chat_template(name: str, **kwargs) -> str | None:
-    import json
-
+    """A checkpoint's processor-level chat template (``chat_template.jinja`` / ``.json``), if any."""
     from transformers.utils import cached_file
 
     kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
@@ -73,21 +96,6 @@ def _processor_chat_template(name: str, **kwargs) -> str | None:
             text = Path(path).read_text()
             return text if filename.endswith(".jinja") else json.loads(text)["chat_template"]
     return None
-
-
-# architecture a checkpoint declares -> (its model class, how its processor loads)
-ARCHITECTURES = {
-    "LlavaForConditionalGeneration": (LlavaForConditionalGeneration, LlavaProcessor.from_pretrained),
-    "LlavaNextForConditionalGeneration": (LlavaNextForConditionalGeneration, LlavaNextProcessor.from_pretrained),
-    "LlavaOnevisionForConditionalGeneration": (
-        LlavaOnevisionForConditionalGeneration, families.image_only(LlavaOnevisionProcessor).from_pretrained),
-    "Qwen2VLForConditionalGeneration": (Qwen2VLForConditionalGeneration, _qwen_inputs),
-    "Qwen2_5_VLForConditionalGeneration": (Qwen2_5_VLForConditionalGeneration, _qwen_inputs),
-    "Qwen3VLForConditionalGeneration": (Qwen3VLForConditionalGeneration, _qwen_inputs),
-    "InternVLForConditionalGeneration": (InternVLForConditionalGeneration, families.image_only(InternVLProcessor).from_pretrained),
-    "Idefics3ForConditionalGeneration": (Idefics3ForConditionalGeneration, Idefics3Processor.from_pretrained),
-    "SmolVLMForConditionalGeneration": (SmolVLMForConditionalGeneration, families.SmolVLMImageProcessor.from_pretrained),
-}
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -101,7 +109,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", revision:
     run its own Python code (off unless asked)."""
     torch_dtype = _dtype(dtype)
     if name in BACKBONES:
-        model, processor = BACKBONES[name]()
+        model, processor = build_backbone(name)
         return model.to(device=device, dtype=torch_dtype), processor
     if name in BUILTIN_RANDOM:
         model, processor = build_tiny_llava(BUILTIN_RANDOM[name])
@@ -137,11 +145,10 @@ def load_pretrained(name: str, device: str, dtype: torch.dtype, revision: str | 
             f"{name!r} is a {architecture}, which prunebench has no adapter for; supported architectures: "
             f"{', '.join(ARCHITECTURES)} (InternVL loads from its transformers conversion, e.g. OpenGVLab/InternVL3-8B-hf)"
         )
-    model_class, load_processor = ARCHITECTURES[architecture]
     try:
-        model = model_class.from_pretrained(name, config=config, dtype=dtype, device_map=device,
-                                            attn_implementation="sdpa", **kwargs)
-        processor = load_processor(name, **kwargs)
+        model = getattr(transformers, architecture).from_pretrained(
+            name, config=config, dtype=dtype, device_map=device, attn_implementation="sdpa", **kwargs)
+        processor = load_processor(architecture, name, **kwargs)
     except OSError as err:
         raise hub.unavailable(name, what, offline, err, revision) from None
     except ImportError as err:  # a processor needing an optional package (SmolVLM2's: num2words)

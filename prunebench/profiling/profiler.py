@@ -29,17 +29,18 @@ step): the achieved bandwidth gpt-fast reports.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import resource
-import shlex
 import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from prunebench.models.loading import BACKBONES as BUILTIN_BACKBONES
@@ -61,7 +62,7 @@ from prunebench.profiling.flops import (
     tile_side,
     vision_flops,
 )
-from prunebench.engine.method import Method, MethodError, create_method, parse_method_list
+from prunebench.engine.method import Method, create_method, parse_method_list
 from prunebench.models.tiny import BUILTIN_RANDOM
 from prunebench.models.loading import cpu_dtype, load_model
 from prunebench.profiling.presets import (
@@ -73,6 +74,8 @@ from prunebench.profiling.presets import (
 )
 from prunebench.results import Record, RecordKey, ResultStore, cell_fields, provenance
 from prunebench.engine.timing import StageClock
+from prunebench.errors import UserError
+from prunebench.report.tables import Column, Table, render
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STAGES = ("vision", "pruner", "prefill", "ttft", "decode_per_token")
@@ -433,27 +436,32 @@ def load_profile_model(name: str, random_weights: bool, device: torch.device, dt
 
 
 # -- the table -----------------------------------------------------------------------------------
-def markdown_table(records: list[Record]) -> str:
-    """One row per record; speedups against the unpruned baseline among them."""
+def profile_table(records: list[Record]) -> Table:
+    """One row per record; speedups against the unpruned baseline among them; times as
+    ``median ±half-range`` ms over the timed passes."""
     base = next((r for r in records if r.key.method == "none" and r.key.budget == "all"), None)
-    head = ["method", "K", "visual/layer", "vision ms", "pruner ms", "prefill ms", "TTFT ms", "decode ms/tok",
-            "prefill x", "TTFT x", "TFLOPs", "KV MiB", "peak MiB", "roofline %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = {}
     for r in records:
         t = r.timing
-        row = [
-            r.key.method, r.key.budget, f"{r.visual_tokens['equivalent']:.0f}",
-            _spread(t, "vision"), _spread(t, "pruner"), _spread(t, "prefill"), _spread(t, "ttft"),
-            _spread(t, "decode_per_token") if "decode_per_token" in t else "-",
-            _speedup(base, r, "prefill"), _speedup(base, r, "ttft"), f"{t['tflops']:.4g}", f"{t['kv_cache_bytes'] / 2**20:.1f}",
-            f"{t['peak_memory_bytes'] / 2**20:.0f}", f"{100 * t['roofline_fraction']:.0f}",
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows[(r.key.budget, r.key.method)] = {
+            "visual/layer": r.visual_tokens["equivalent"],
+            **{f"{label} ms": _spread(t, stage) if stage in t else None for stage, label in STAGE_LABELS.items()},
+            "prefill x": base.timing["prefill"] / t["prefill"] if base else None,
+            "TTFT x": base.timing["ttft"] / t["ttft"] if base else None,
+            "TFLOPs": t["tflops"],
+            "KV MiB": t["kv_cache_bytes"] / 2**20,
+            "peak MiB": t["peak_memory_bytes"] / 2**20,
+            "roofline %": 100 * t["roofline_fraction"],
+        }
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=["K", "method"])  # grouped by budget, as papers
+    columns = {"visual/layer": Column("int"), **{f"{label} ms": Column("text") for label in STAGE_LABELS.values()},
+               "prefill x": Column("number", 2), "TTFT x": Column("number", 2), "TFLOPs": Column("number", 4),
+               "KV MiB": Column("number", 1), "peak MiB": Column("int"), "roofline %": Column("int")}
+    return Table("profile", "prunebench profile", frame, columns)
 
 
-def _speedup(base: Record | None, record: Record, stage: str) -> str:
-    return f"{base.timing[stage] / record.timing[stage]:.2f}" if base else "-"
+STAGE_LABELS = {"vision": "vision", "pruner": "pruner", "prefill": "prefill", "ttft": "TTFT", "decode_per_token": "decode/tok"}
 
 
 def _spread(timing: dict[str, float], stage: str) -> str:
@@ -485,118 +493,60 @@ def report_header(records: list[Record], model_name: str, command: str) -> str:
     ])
 
 
-# -- command line --------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="random:mid-llava",
-                        help=", ".join([*BUILTIN_RANDOM, *BUILTIN_BACKBONES]) + ", a preset (" + ", ".join(preset_names()) +
-                        "; random weights), or a hub id or local directory of a supported family")
-    parser.add_argument("--methods", default="none,random", help="method list, e.g. 'random:seed=1,fastv:layer=3'")
-    parser.add_argument("--budgets", default="192,128,64", help="visual tokens kept: counts, fractions (0.25, 25%%) or 'all'")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="build a hub id's geometry from its shipped preset config with random weights")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA; on CPU bfloat16 where the CPU has bf16 units (AMX, AVX512-BF16), else float32")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--batch-size", type=_at_least(1), default=ProfileSettings.batch_size)
-    parser.add_argument("--prompt-tokens", type=_at_least(1), default=ProfileSettings.prompt_tokens,
-                        help="text tokens around the image")
-    parser.add_argument("--image-size", type=_image_size, default=ProfileSettings.image_size, metavar="HxW",
-                        help="the synthetic image, height x width px (default 672x672); sets the visual tokens of "
-                        "every backbone but LLaVA-1.5, which resizes any image to 336x336 (Qwen-VL rounds its sides to "
-                        "multiples of 28 px, 32 on Qwen3-VL; InternVL and SmolVLM cut it into tiles)")
-    parser.add_argument("--warmup", type=_at_least(0), default=ProfileSettings.warmup)
-    parser.add_argument("--repeats", type=_at_least(1), default=ProfileSettings.repeats)
-    parser.add_argument("--decode-tokens", type=_at_least(1), default=ProfileSettings.decode_tokens,
-                        help="generated tokens per pass (1: prefill only)")
-    parser.add_argument("--threads", type=_at_least(1), default=None,
-                        help="CPU threads for torch (default: torch's choice); on a shared machine 1 avoids "
-                        "OpenMP threads waiting on each other")
-    parser.add_argument("--results", default="results", help="results store directory")
-    parser.add_argument("--markdown", default=None, help="also write the table (with its settings) to this file")
+# -- the whole command ----------------------------------------------------------------------------
+@dataclass
+class ProfileRequest:
+    """Everything `prunebench profile` needs; the command line fills it (prunebench.commands.profile)."""
+
+    model: str = "random:mid-llava"
+    methods: str = "none,random"
+    budgets: str = "192,128,64"
+    random_weights: bool = False
+    dtype: str | None = None  # None: bfloat16 on CUDA; on CPU bfloat16 with bf16 units, else float32
+    device: str | None = None  # None: cuda if available, else cpu
+    settings: ProfileSettings = field(default_factory=ProfileSettings)
+    threads: int | None = None
+    results: str = "results"
+    markdown: str | None = None  # also write the table with its settings here
+    command: str = "prunebench profile"  # the command line that reproduces it, recorded in provenance
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        return _profile(args)
-    except (NotImplementedError, MethodError, BudgetError, PresetError, FileNotFoundError) as err:
-        print(f"prunebench profile: {err}", file=sys.stderr)
-        return 2
-
-
-def _profile(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def profile(request: ProfileRequest, console: Console | None = None) -> list[Record]:
+    """Time every cell, store its record, print the table (and write it with its settings)."""
+    console = console or Console(stderr=True)
+    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"prunebench profile: --device {args.device}: this torch sees no CUDA device; use --device cpu", file=sys.stderr)
-        return 2
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else cpu_dtype())
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    methods = [create_method(spec) for spec in parse_method_list(args.methods)]
-    budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
-    settings = ProfileSettings(args.batch_size, args.prompt_tokens, args.warmup, args.repeats, args.decode_tokens,
-                               args.image_size)
-    store = ResultStore(args.results)
+        raise UserError(f"--device {request.device}: this torch sees no CUDA device; use --device cpu")
+    dtype = request.dtype or ("bfloat16" if device.type == "cuda" else cpu_dtype())
+    if request.threads:
+        torch.set_num_threads(request.threads)
+    methods = [create_method(spec) for spec in parse_method_list(request.methods)]
+    budgets = [Budget.parse(b) for b in request.budgets.split(",") if b.strip()]
+    settings = request.settings
+    store = ResultStore(request.results)
     store.check_writable()
 
-    model, model_name, random_weights = load_profile_model(args.model, args.random_weights, device, dtype)
+    model, model_name, random_weights = load_profile_model(request.model, request.random_weights, device, dtype)
     engine = PruningEngine(model)
     inputs = synthetic_batch(model.config, settings.batch_size, settings.prompt_tokens, device, model.dtype,
                              image_size=settings.image_size)
     n_visual = int((inputs["input_ids"][0] == engine.adapter.image_token_id).sum())
     cells = plan_cells(methods, budgets, n_visual, engine.adapter.num_layers)
     peaks = measure_peaks(device, model.dtype)
-    print(f"{device_name(device)}: {peaks.flops_per_s / 1e12:.3f} TFLOP/s matmul, {peaks.bytes_per_s / 1e9:.1f} GB/s copy "
-          f"(measured, {dtype})", file=sys.stderr)
-
-    print(f"{len(cells)} cells x ({settings.warmup} warm-up + {settings.repeats} timed passes), interleaved", file=sys.stderr)
-    records = profile_cells(engine, inputs, cells, settings, peaks, model_name,
-                            on_repeat=lambda done: print(f"  repeat {done}/{settings.repeats} done", file=sys.stderr))
-    command = _command(args)
+    console.print(f"{device_name(device)}: {peaks.flops_per_s / 1e12:.3f} TFLOP/s matmul, "
+                  f"{peaks.bytes_per_s / 1e9:.1f} GB/s copy (measured, {dtype})")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        bar = progress.add_task(f"{len(cells)} cells x {settings.repeats} timed passes (after {settings.warmup} warm-up), "
+                                "interleaved", total=settings.repeats)
+        records = profile_cells(engine, inputs, cells, settings, peaks, model_name,
+                                on_repeat=lambda done: progress.update(bar, completed=done))
     for record in records:
-        record.provenance |= {"command": command, "random_weights": random_weights}
+        record.provenance |= {"command": request.command, "random_weights": random_weights}
         store.write(record)
-
-    table = markdown_table(records)
-    print(table)
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(report_header(records, model_name, command) + "\n" + table + "\n")
-    return 0
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this run (every option spelled out)."""
-    parts = ["prunebench", "profile"]
-    for option in ("model", "methods", "budgets", "dtype", "device", "batch_size", "prompt_tokens", "image_size",
-                   "warmup", "repeats", "decode_tokens", "threads", "results", "markdown"):
-        value = getattr(args, option)
-        if option == "image_size":
-            value = "x".join(map(str, value))
-        if value is not None:
-            parts += ["--" + option.replace("_", "-"), shlex.quote(str(value))]
-    if args.random_weights:
-        parts.append("--random-weights")
-    return " ".join(parts)
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    """``HxW`` (e.g. 448x672) -> (448, 672)."""
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 672x672; got {text!r}") from None
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"image sides must be positive, got {text!r}")
-    return height, width
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
+    table = profile_table(records)
+    print(render(table, "md"))
+    if request.markdown:
+        Path(request.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(request.markdown).write_text(report_header(records, model_name, request.command) + "\n" + render(table, "md") + "\n")
+    return records

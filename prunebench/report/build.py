@@ -6,16 +6,15 @@ Tables (prunebench.report.tables) are pandas frames of numbers, one set per mode
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from rich.console import Console
 
-from prunebench.report import stats
 from prunebench.report.accuracy import accuracy_table, agreement_frame, category_table
 from prunebench.report.frames import ReportError
+from prunebench.report.reference import reference_table
 from prunebench.report.significance import compare_table, stats_table
 from prunebench.report.speed import speed_table
 from prunebench.report.tables import FORMATS, Table, print_table, render
@@ -82,8 +81,10 @@ def build_tables(
     seed: int,
     compare: tuple[str, str] | None = None,
     with_stats: bool = True,
+    reference: bool = False,
 ) -> list[Table]:
-    """Every table of one model: accuracy (+ stats) when it has eval records, speed when any has timings."""
+    """Every table of one model: accuracy (+ stats) when it has eval records, speed when any has timings,
+    and with ``reference`` the published numbers beside the measured ones."""
     tables: list[Table] = []
     if any(r.kind == "eval" for r in records):
         tables.append(accuracy_table(records, agreement_frame(records, store)))
@@ -97,71 +98,45 @@ def build_tables(
         raise ReportError("--compare needs eval records")
     if any(r.timing for r in records):
         tables.append(speed_table(records))
+    if reference:
+        tables.append(reference_table(records, store, n_boot=n_boot, seed=seed))
     return tables
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", default="results", help="results store folder (default: results)")
-    parser.add_argument(
-        "--model",
-        action="append",
-        default=None,
-        help="model(s) to report, repeatable or comma-separated (default: every model in the store)",
-    )
-    parser.add_argument(
-        "--limit", default=None, help="only records evaluated on this many samples per task ('full' = whole tasks)"
-    )
-    parser.add_argument(
-        "--format",
-        default=None,
-        help="comma-separated from md,latex,csv,html (default with --out: all; without: none, i.e. rich tables only)",
-    )
-    parser.add_argument("--out", default=None, help="write tables and plots here, one subfolder per model")
-    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired comparison of two method specs")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates (default: 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
-    parser.add_argument("--stats", action="store_true", help="also print the statistics table on the console")
-    parser.add_argument("--no-plots", action="store_true", help="do not draw plots with --out")
-
-
-def main(args: argparse.Namespace) -> int:
-    console = Console()
-    if not console.is_terminal:  # piped or captured: do not squeeze wide tables into 80 columns
-        console.width = max(console.width, 160)
-    try:
-        formats = parse_formats(args.format, tuple(FORMATS) if args.out else ())
-        if args.bootstrap < 1:
-            raise ReportError(f"--bootstrap {args.bootstrap}: need at least 1 replicate")
-        store = ResultStore(args.results)
-        by_model = load_records(store, args.model, args.limit)
-        for model, records in by_model.items():
-            compare = tuple(args.compare) if args.compare else None
-            # the bootstrap is the slow part: skip it when its table goes nowhere
-            with_stats = bool(args.out or formats or args.stats)
-            tables = build_tables(records, store, args.bootstrap, args.seed, compare, with_stats)
+def write_report(store: ResultStore, models: list[str] | None = None, limit: str | None = None,
+                 formats: list[str] | None = None, out: str | None = None, compare: tuple[str, str] | None = None,
+                 n_boot: int = 2000, seed: int = 0, show_stats: bool = False, plots: bool = True,
+                 console: Console | None = None, reference: bool = False) -> None:
+    """Every table of every model in ``store``: printed, and written under ``out`` (one folder per
+    model) in ``formats`` with plots, or printed in ``formats`` on stdout without ``out``; with
+    ``reference``, the published numbers beside the measured ones too."""
+    console = console or Console()
+    formats = formats or []
+    if n_boot < 1:
+        raise ReportError(f"--bootstrap {n_boot}: need at least 1 replicate")
+    for model, records in load_records(store, models, limit).items():
+        # the bootstrap is the slow part: skip it when its table goes nowhere
+        with_stats = bool(out or formats or show_stats)
+        tables = build_tables(records, store, n_boot, seed, compare, with_stats, reference)
+        for table in tables:
+            if table.name != "stats" or show_stats:
+                print_table(table, console)
+        if out:
+            folder = Path(out) / slug(model)
+            folder.mkdir(parents=True, exist_ok=True)
             for table in tables:
-                if table.name != "stats" or args.stats:
-                    print_table(table, console)
-            if args.out:
-                folder = Path(args.out) / slug(model)
-                folder.mkdir(parents=True, exist_ok=True)
-                for table in tables:
-                    for fmt in formats:
-                        (folder / f"{table.name}.{FORMATS[fmt]}").write_text(render(table, fmt))
-                if not args.no_plots:
-                    from prunebench.report.plots import draw_all
+                for fmt in formats:
+                    (folder / f"{table.name}.{FORMATS[fmt]}").write_text(render(table, fmt))
+            if plots:
+                from prunebench.report.plots import draw_all
 
-                    written, notes = draw_all(records, folder)
-                    for path in written:
-                        console.print(f"wrote {path}")
-                    for note in notes:
-                        console.print(f"plots: {note}", style="yellow")
-                console.print(f"tables ({', '.join(formats)}) written to {folder}")
-            else:
-                for table in tables:
-                    for fmt in formats:
-                        sys.stdout.write(render(table, fmt) + "\n")
-    except (ReportError, stats.StatsError) as err:
-        print(f"prunebench report: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+                written, notes = draw_all(records, folder)
+                for path in written:
+                    console.print(f"wrote {path}")
+                for note in notes:
+                    console.print(f"plots: {note}", style="yellow")
+            console.print(f"tables ({', '.join(formats)}) written to {folder}")
+        else:
+            for table in tables:
+                for fmt in formats:
+                    sys.stdout.write(render(table, fmt) + "\n")

@@ -13,7 +13,7 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 
@@ -24,9 +24,10 @@ from prunebench.run import taskspec
 from prunebench.budget import Budget, BudgetError
 from prunebench.errors import UserError
 from prunebench.engine.method import Method, MethodError, create_method, parse_method_list
+from prunebench.run.console import LOG_NAME, RunProgress, lmms_eval_output
 from prunebench.results import Record, RecordKey, ResultStore, cell_fields, cpu_name, provenance
 
-# the trained tiny LLaVA shipped in prunebench/assets (README "Status" gives its accuracy)
+# the trained tiny LLaVA shipped in prunebench/models/assets (README "Status" gives its accuracy)
 DEFAULT_MODEL = "builtin:tiny-llava"
 # on the default model: every method, in-LLM stages moved early enough that its 4-layer decoder
 # meets K = 64, the learned selectors from the checkpoints shipped for it
@@ -50,32 +51,28 @@ DEFAULT_TASKS = "synth-gqa,synth-textvqa,synth-pope"
 DEFAULT_BUDGETS = "192,128,64"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local dir, or built-in name (default {DEFAULT_MODEL})")
-    parser.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (part of the records' model name)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let the checkpoint run its own Python code (off by default; the supported families need none)")
-    parser.add_argument("--methods", default=None,
-                        help=f"comma list, options as name:key=value (default on {DEFAULT_MODEL}: {BUILTIN_METHODS}; "
-                             f"on other models: {TRAINING_FREE_METHODS})")
-    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="lmms-eval task names, aliases or prunebench tasks (default %(default)s)")
-    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="visual tokens kept: counts (64) or fractions (0.25, 25%%)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each task")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"samples per forward pass (default: 16 on {DEFAULT_MODEL}, 1 on other models)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: fp16 on GPU; on CPU bf16 where "
-                        "the CPU has bf16 units (AMX, AVX512-BF16), else fp32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", default="results", help="results store directory (default %(default)s)")
-    parser.add_argument("--task-data", action="append", default=[], metavar="TASK=PATH",
-                        help="run TASK on a local parquet/json/csv file, keeping its prompts and metrics")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap every task's answer length (smoke runs)")
-    parser.add_argument("--force", action="store_true", help="recompute cells that already have a record")
-    parser.add_argument("--vision-cache-mb", type=int, default=None,
-                        help="keep each batch's processed inputs and vision-tower output for the task's later cells, "
-                             "up to this many MB (default: 2048 on CPU, 0 on GPU, where the tower is a small share "
-                             "of the time and the memory is the model's); 0 runs the tower in every cell")
+@dataclass
+class RunSettings:
+    """Everything `prunebench run` needs; the command line fills it (prunebench.commands.run)."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None  # hub branch, tag or commit of the model (records: model@revision)
+    trust_remote_code: bool = False  # let the checkpoint run its own code
+    methods: str | None = None  # comma list of method specs; None: default_methods(model)
+    tasks: str = DEFAULT_TASKS
+    budgets: str = DEFAULT_BUDGETS
+    limit: int | None = None
+    batch_size: int | None = None  # None: default_batch_size(model)
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    results: str = "results"
+    task_data: list[str] = field(default_factory=list)  # TASK=PATH items
+    max_new_tokens: int | None = None
+    force: bool = False
+    vision_cache_mb: int | None = None  # None: 0 on GPU, 2048 on CPU
+    verbose: bool = False  # lmms-eval's output on the terminal, a line per finished cell
+    argv: list[str] = field(default_factory=list)  # the command line, recorded in provenance
 
 
 @dataclass(frozen=True)
@@ -130,15 +127,21 @@ def _visual_token_bound(engine, processor) -> tuple[int, bool]:
     return max_image_tokens(config, getattr(processor, "image_processor", None)), config.model_type != "llava"
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: RunSettings) -> list[Record]:
+    """Plan, check and run every cell; returns the records of this run's cells (cached or computed)."""
     from rich.console import Console
 
     world = distributed.current()
-    console = Console(stderr=True, quiet=not world.main)
-    # our own progress bar replaces the datasets / lmms-eval tqdm bars
+    # the real stderr, bound now: lmms-eval's output is redirected to a log while cells run
+    console = Console(file=sys.stderr, quiet=not world.main)
+    # our own progress display replaces the datasets / lmms-eval / transformers bars
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")  # lmms-eval's task indexing logs at DEBUG
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" of a local model (downloads keep theirs)
     # 1. everything that can be checked without the model or lmms-eval
     methods = [create_method(spec) for spec in parse_method_list(args.methods or default_methods(args.model))]
     budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
@@ -189,35 +192,40 @@ def main(args: argparse.Namespace) -> int:
     if not args.force:
         _check_stored_dtypes(store, keys, dtype)
     chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""
-    console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, results in {store.root}")
-    for cell, key in zip(cells, keys):
-        cache.start_task(cell.task)
-        action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
-        if action == "cached":
-            console.print(f"[dim]cached[/]  {cell.label}")
-            finished.append(store.load(key))
-            continue
-        if action == "busy":
-            console.print(f"[yellow]skipped[/] {cell.label}: another run is computing it")
-            continue
-        try:
-            spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
-            record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, console, world,
-                                            cache)
+    console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, "
+                  f"results in {store.root}" + ("" if args.verbose else f" (lmms-eval's log: {store.root / LOG_NAME})"))
+    with RunProgress(console, len(cells), args.verbose) as progress:
+        for cell, key in zip(cells, keys):
+            cache.start_task(cell.task)
+            progress.start_cell(cell.label)
+            action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
+            if action == "cached":
+                finished.append(store.load(key))
+                progress.finish_cell(cell.label, "cached")
+                continue
+            if action == "busy":
+                progress.notice(f"[yellow]skipped[/] {cell.label}: another run is computing it")
+                progress.finish_cell(cell.label, "skipped")
+                continue
+            try:
+                spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
+                with lmms_eval_output(store.root, args.verbose):
+                    record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, progress,
+                                                    world, cache)
+                if world.main:
+                    store.write(record, samples)
+            finally:
+                if world.main:
+                    store.release(key)
             if world.main:
-                store.write(record, samples)
-        finally:
-            if world.main:
-                store.release(key)
-        if world.main:
-            finished.append(record)
-            console.print(f"[green]done[/]    {cell.label}: {record.primary_metric} = {record.score:.4g}")
+                finished.append(record)
+                progress.finish_cell(cell.label, f"{record.primary_metric} = {record.score:.4g}")
     if world.main and finished:
         from prunebench.report.build import print_summary
 
         print_summary(finished, store, Console())
     distributed.finish(world)
-    return 0
+    return finished
 
 
 def _check_stored_dtypes(store: ResultStore, keys: list[RecordKey], dtype: str) -> None:
@@ -237,46 +245,36 @@ def _decide(store: ResultStore, key: RecordKey, force: bool) -> str:
     return "run" if store.claim(key) else "busy"
 
 
-def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console,
-                  world: distributed.World, cache=None):
+def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict,
+                  progress: RunProgress | None, world: distributed.World, cache=None):
     """Run one cell through lmms-eval; returns its record and per-sample rows (None off rank 0)."""
     from lmms_eval import evaluator
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     from prunebench.run.lmms_bridge import PrunedVLM, RunCache
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        bar = progress.add_task(cell.label, total=args.limit)
-        cache = cache or RunCache()
-        reused_before = cache.hits
-        lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       on_progress=lambda n: progress.advance(bar, n),
-                       on_requests=lambda n: progress.update(bar, total=n), cache=cache)
-        torch.manual_seed(args.seed)
-        # lmms-eval's "Postprocessing" bar passes disable= itself, so TQDM_DISABLE cannot hide it
-        show_bar = evaluator.tqdm
-        evaluator.tqdm = lambda *a, **kw: show_bar(*a, **{**kw, "disable": True})
-        try:
-            out = evaluator.simple_evaluate(
-                model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
-                verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                fewshot_random_seed=args.seed, bootstrap_iters=0,
-                # score answers on docs without their images, as lmms-eval's own CLI does by default
-                # (decoding every image again cost ~0.6 s a cell on the built-in tasks)
-                cli_args=argparse.Namespace(process_with_media=False),
-                # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
-                distributed_executor_backend="torchrun",
-            )
-        finally:
-            evaluator.tqdm = show_bar
+    cache = cache or RunCache()
+    reused_before = cache.hits
+    lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
+                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                   on_progress=progress.advance_samples if progress else None,
+                   on_requests=progress.set_samples if progress else None, cache=cache)
+    torch.manual_seed(args.seed)
+    # lmms-eval's "Postprocessing" bar passes disable= itself, so TQDM_DISABLE cannot hide it
+    show_bar = evaluator.tqdm
+    evaluator.tqdm = lambda *a, **kw: show_bar(*a, **{**kw, "disable": True})
+    try:
+        out = evaluator.simple_evaluate(
+            model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
+            verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed, bootstrap_iters=0,
+            # score answers on docs without their images, as lmms-eval's own CLI does by default
+            # (decoding every image again cost ~0.6 s a cell on the built-in tasks)
+            cli_args=argparse.Namespace(process_with_media=False),
+            # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
+            distributed_executor_backend="torchrun",
+        )
+    finally:
+        evaluator.tqdm = show_bar
     all_stats = {k: v for part in distributed.gather(lm.stats, world) for k, v in part.items()}
     if not world.main:
         return None, None
@@ -354,7 +352,7 @@ def _provenance(args, device: str, dtype: str) -> dict:
     return provenance(
         device=torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
         dtype=dtype,
-        command=shlex.join(["prunebench", *getattr(args, "argv", sys.argv[1:])]),
+        command=shlex.join(["prunebench", *(args.argv or sys.argv[1:])]),
         seed=args.seed,
         batch_size=args.batch_size,
         vision_cache_mb=args.vision_cache_mb,

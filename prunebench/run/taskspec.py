@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from prunebench.errors import UserError
+from prunebench.models.hub import hub_reachable
 from prunebench.tasks import GENERATED
 
 ALIASES = {
@@ -83,22 +84,35 @@ def check_data_reachable(task: str, data: str | None) -> None:
     dataset = base_config(task).get("dataset_path", "")
     if not dataset or os.path.exists(dataset) or "/" not in dataset:
         return
+    if dataset_in_cache(dataset):
+        return
     from huggingface_hub import constants
 
-    from prunebench.models.hub import hub_reachable
-
-    cached = Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}"
-    if cached.exists():
-        return
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    if offline or not hub_reachable():
+    status = hub_status()
+    if status != "reachable":
         raise TaskError(
             f"task {task!r} needs the dataset {dataset!r}, which is not in the local cache "
             f"({constants.HF_HUB_CACHE}; HF_HOME={constants.HF_HOME}) and the hub "
-            f"{'is disabled (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set)' if offline else 'cannot be reached'}. "
+            f"{'is disabled (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set)' if status == 'offline' else 'cannot be reached'}. "
             f"Download it on a connected machine (`hf download --repo-type dataset {dataset}`) and copy "
             f"HF_HOME over, or run the task on local data: --task-data {task}=/path/file.parquet"
         )
+
+
+def dataset_in_cache(dataset: str) -> bool:
+    """A hub dataset has been downloaded into the local Hugging Face cache."""
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").exists()
+
+
+def hub_status() -> str:
+    """"offline" (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set), "reachable" or "unreachable"."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return "offline"
+    return "reachable" if hub_reachable(constants.ENDPOINT) else "unreachable"
 
 
 def base_config(task: str) -> dict:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import transformers
 from huggingface_hub import constants
 from support.hub import COMMIT, FakeHub
 from support.models import QUESTIONS, make_image
@@ -55,7 +56,7 @@ def spy(monkeypatch):
     """The keyword arguments every ``from_pretrained`` of the SmolVLM model class receives (the call
     itself goes through unchanged)."""
     calls = []
-    model_class = loading.ARCHITECTURES["Idefics3ForConditionalGeneration"][0]
+    model_class = transformers.Idefics3ForConditionalGeneration
     real = model_class.from_pretrained.__func__
 
     def watched(cls, name, *args, **kwargs):

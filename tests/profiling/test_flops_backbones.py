@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.models import build_backbone, make_image
+from support.tables import squeeze, table_row
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import (
@@ -324,7 +325,7 @@ def test_profile_cli_end_to_end_on_tiny_backbones(tmp_path, monkeypatch, capsys,
         assert record.visual_tokens["original"] == n and record.visual_tokens["mean_kept"] == kept
         assert record.timing["tflops_vision"] == pytest.approx(vision_flops(config, 1, 140, 112) / 1e12)
         assert record.provenance["image_size"] == "140x112" and "--image-size 140x112" in record.provenance["command"]
-    assert "| random | 8 | 8 |" in capsys.readouterr().out
+    assert table_row("8", "random", "8") in squeeze(capsys.readouterr().out)
 
 
 def test_a_preset_without_a_flops_model_is_refused_clearly(monkeypatch):

@@ -406,7 +406,7 @@ def test_quota_examples_follow_their_quotas_and_number_share():
 def test_command_line_sets_every_training_stage(monkeypatch, tmp_path):
     import argparse
 
-    from prunebench.training import trainer as train_module
+    from prunebench.commands import train as train_module
 
     parser = argparse.ArgumentParser()
     train_module.add_arguments(parser)

@@ -36,10 +36,12 @@ from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from prunebench.engine.adapters import adapter_for
 
+from prunebench.errors import UserError
+
 PRESET_DIR = Path(__file__).parent
 
 
-class PresetError(ValueError):
+class PresetError(UserError, ValueError):
     """An unknown preset name."""
 
 
@@ -100,6 +102,6 @@ def check_engine_support(name: str) -> None:
         preset = resolve_preset(name)
         raise NotImplementedError(
             f"preset {preset!r} ({type(model).__name__}) cannot be profiled: {err}. Its config ships in "
-            f"prunebench/profiling/presets/{preset}.json; profiling it needs an adapter (prunebench/adapters.py) and a "
-            "FLOPs model (prunebench/flops.py) for its architecture."
+            f"prunebench/profiling/presets/{preset}.json; profiling it needs an adapter (prunebench/engine/adapters.py) and a "
+            "FLOPs model (prunebench/profiling/flops.py) for its architecture."
         ) from None

@@ -94,7 +94,12 @@ FAMILIES = {
 
 
 def build_backbone(name: str, attn_implementation: str = "sdpa") -> Backbone:
-    from prunebench.models import families
+    if name in FAMILIES:
+        from prunebench.models import families
+
+        builder, kwargs, template, sizes = FAMILIES[name]
+        model, processor = getattr(families, builder)(attn_implementation=attn_implementation, **kwargs)
+        return Backbone(name, model, processor, getattr(families, template), sizes)
     from prunebench.models.backbones import (
         NEXT_PROMPT_TEMPLATE,
         QWEN_PROMPT_TEMPLATE,
@@ -102,10 +107,6 @@ def build_backbone(name: str, attn_implementation: str = "sdpa") -> Backbone:
         build_tiny_qwen2_vl,
     )
 
-    if name in FAMILIES:
-        builder, kwargs, template, sizes = FAMILIES[name]
-        model, processor = getattr(families, builder)(attn_implementation=attn_implementation, **kwargs)
-        return Backbone(name, model, processor, getattr(families, template), sizes)
     if name == "llava-next":
         model, processor = build_tiny_llava_next(attn_implementation=attn_implementation)
         return Backbone(name, model, processor, NEXT_PROMPT_TEMPLATE, ((56, 100), (112, 60), (80, 80)))

@@ -56,6 +56,8 @@ class RunSettings:
     """Everything `prunebench run` needs; the command line fills it (prunebench.commands.run)."""
 
     model: str = DEFAULT_MODEL
+    revision: str | None = None  # hub branch, tag or commit of the model (records: model@revision)
+    trust_remote_code: bool = False  # let the checkpoint run its own code
     methods: str | None = None  # comma list of method specs; None: default_methods(model)
     tasks: str = DEFAULT_TASKS
     budgets: str = DEFAULT_BUDGETS
@@ -163,12 +165,15 @@ def run(args: RunSettings) -> list[Record]:
     # 2. the model (a missing checkpoint fails here, within seconds)
     from prunebench.engine.generate import PruningEngine
     from prunebench.models.loading import cpu_dtype, load_model
+    from prunebench.run.servable import servable_methods
 
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
-    model, processor = load_model(args.model, device=device, dtype=dtype)
+    model, processor = load_model(args.model, device=device, dtype=dtype, revision=args.revision,
+                                  trust_remote_code=args.trust_remote_code)
     engine = PruningEngine(model, processor.tokenizer)
     n_visual, varies = _visual_token_bound(engine, processor)
     check_schedules(methods, budgets, n_visual, engine.adapter.num_layers, args.model, varies)
+    methods = servable_methods(methods, engine, processor, args.model, listed=args.methods is not None, note=console.print)
 
     # 3. tasks (needs lmms-eval's task index)
     taskspec.check_known(tasks)
@@ -182,7 +187,8 @@ def run(args: RunSettings) -> list[Record]:
     from prunebench.run.lmms_bridge import RunCache
 
     cache = RunCache(args.vision_cache_mb << 20)
-    keys = [RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit) for cell in cells]
+    model_name = args.model + (f"@{args.revision}" if args.revision else "")  # another revision, other records
+    keys = [RecordKey(model_name, cell.method.spec(), str(cell.budget), cell.task, args.limit) for cell in cells]
     if not args.force:
         _check_stored_dtypes(store, keys, dtype)
     chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""

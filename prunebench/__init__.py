@@ -18,7 +18,6 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "Method": "prunebench.engine.method",
-    "ModelFacts": "prunebench.engine.method",
     "Selection": "prunebench.engine.method",
     "Stage": "prunebench.engine.method",
     "PRE_LLM": "prunebench.engine.method",
@@ -44,7 +43,6 @@ __all__ = [
     "DecodeConfig",
     "Method",
     "MethodError",
-    "ModelFacts",
     "PRE_LLM",
     "PositionPolicy",
     "PruningEngine",
@@ -65,7 +63,6 @@ if TYPE_CHECKING:
     from prunebench.engine.method import (
         PRE_LLM,
         Method,
-        ModelFacts,
         Selection,
         Stage,
         available_methods,

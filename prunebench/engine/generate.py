@@ -61,7 +61,8 @@ class EncodedImages:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.embeds, self.vision.features, self.vision.embeds, *(self.vision.hidden_states or ())]
+        tensors = [self.embeds, self.vision.features, self.vision.embeds, *(self.vision.hidden_states or ()),
+                   *self.vision.deepstack]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
         return sum(storages.values())  # features can be a view of the last hidden state
 
@@ -235,7 +236,8 @@ class PruningEngine:
 
         Steps: lay out the batch and schedule the stages; embed the prompt with the images in their
         slots; then for each stage point (pre-LLM, then before each decoder layer) run the method's
-        stage if one is due, open a new layer group after a stage, and run the layer.
+        stage if one is due, open a new layer group after a stage, run the layer, and add the
+        layer's DeepStack injection at the visual tokens still present (Qwen3-VL, layers 0-2).
         ``images``: the batch's vision output when the caller has it (see :meth:`generate`)."""
         adapter = self.adapter
         _check_left_padded(attention_mask)
@@ -265,6 +267,8 @@ class PruningEngine:
                 if run.group is None:
                     self._open_group(run, layout, hidden, index)
                 hidden = self._run_layer(run, layout, hidden, index)
+                if index < len(images.vision.deepstack):
+                    hidden = _add_deepstack(layout, hidden, images.vision.deepstack[index])
         with clock("prefill"):
             logits = adapter.lm_head(adapter.decoder.norm(hidden[:, -1:]))[:, -1]
         return Prefill(logits, run.cache, run.groups, run.group_of_layer, layout, run.visual_tokens.cpu())
@@ -432,6 +436,17 @@ def _check_left_padded(attention_mask: torch.Tensor) -> None:
             f"last column); attention_mask rows {rows} have padding after a token or no token at all. "
             "Tokenize with tokenizer.padding_side = 'left'."
         )
+
+
+def _add_deepstack(layout: TokenLayout, hidden: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL's DeepStack after decoder layer ``i``: the model adds vision level ``i`` (``level``,
+    ``(B, n_max, D)`` over the original visual tokens) to the layer's output at every image slot;
+    here every visual token still present gets the row of its original visual id, so a pruned
+    token's rows go with it. Tokens a method built (``MERGED``) get none: they have no row of
+    their own, and the weights that would make one belong to the method."""
+    ids = layout.visual_id
+    rows = level.gather(1, ids.clamp(min=0)[..., None].expand(-1, -1, level.shape[-1]))
+    return torch.where((ids >= 0)[..., None], hidden + rows.to(hidden.dtype), hidden)
 
 
 def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:

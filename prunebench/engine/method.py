@@ -52,17 +52,6 @@ class Stage:
     keep: int
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a method may check about a model before any work (:meth:`Method.check_model`)."""
-
-    name: str
-    num_layers: int
-    n_visual: int  # visual tokens of one image (the most one image gives when ``varies``)
-    varies: bool  # the count depends on the image (LLaVA-NeXT, Qwen-VL)
-    vision_width: int | None  # width of the pre-projector vision features of a visual token; None: not offered
-
-
 @dataclass
 class Selection:
     """What a method returns at a stage.
@@ -96,11 +85,6 @@ class Method:
 
     def select(self, ctx: StageContext) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} does not implement select()")
-
-    def check_model(self, model: ModelFacts) -> None:
-        """Raise a MethodError, before any work, if this method cannot run on ``model`` for a
-        reason its schedule does not show (the harness checks every budget's schedule itself).
-        Default: nothing more to check."""
 
     def input_files(self) -> list[Path]:
         """Files whose contents change what this method selects (a checkpoint): their digest is

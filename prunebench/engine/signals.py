@@ -41,6 +41,10 @@ class SampleKeys:
         return self._keys[b]
 
 
+class SignalUnavailableError(MethodError):
+    """A signal this backbone cannot provide: a method that needs it cannot run on this model."""
+
+
 class StageContext:
     """Signals for one stage. ``layer`` is None before the LLM, else the decoder layer about to run.
 
@@ -154,7 +158,7 @@ class StageContext:
         """``(B, n_max, d_v)`` vision features before the projector, one row per original visual
         token (Qwen2-VL: the 2x2 merged patches side by side, ``4 * d_v``)."""
         if self._vision.features is None:
-            raise MethodError(f"vision features are not available on this backbone: {self._vision.no_features}")
+            raise SignalUnavailableError(f"vision features are not available on this backbone: {self._vision.no_features}")
         return self._vision.features
 
     @property
@@ -176,7 +180,7 @@ class StageContext:
         """``(B, H, N)`` attention of the CLS query to each patch inside vision encoder ``layer``."""
         self._require_tower_signals("CLS attention")
         if self._vision.patch_offset != 1:
-            raise MethodError("this vision tower has no CLS token (vision_feature_select_strategy is not 'default')")
+            raise SignalUnavailableError("this vision tower has no CLS token (vision_feature_select_strategy is not 'default')")
         probs = self._adapter.vision_attention(self._vision, layer, rows=torch.tensor([0]))
         return probs[:, :, 0, 1:]
 
@@ -211,7 +215,7 @@ class StageContext:
                 return cached
         attn = self._adapter.layers[layer].self_attn
         normed = self._adapter.layers[layer].input_layernorm(self.layer_input(layer))
-        k = attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+        k = _head_norm(attn, "k_norm", attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)).transpose(1, 2)
         cos, sin = self._rotary(normed)
         return self._rope(k, cos, sin)
 
@@ -230,7 +234,7 @@ class StageContext:
         hidden = self.layer_input(layer)
         picked = hidden.gather(1, row_slots[..., None].expand(-1, -1, hidden.shape[-1]))
         q = attn.q_proj(block.input_layernorm(picked))
-        q = q.view(*q.shape[:-1], -1, attn.head_dim).transpose(1, 2)  # (B, H, R, d)
+        q = _head_norm(attn, "q_norm", q.view(*q.shape[:-1], -1, attn.head_dim)).transpose(1, 2)  # (B, H, R, d)
         cos, sin = self._rotary(hidden, slots=row_slots)
         q = self._rope(q, cos, sin)
         k = self.keys(layer)
@@ -263,7 +267,7 @@ class StageContext:
     # -- helpers ----------------------------------------------------------------------------
     def _require_tower_signals(self, what: str) -> None:
         if self._vision.no_tower_signals is not None:
-            raise MethodError(f"{what} is not available on this backbone: {self._vision.no_tower_signals}")
+            raise SignalUnavailableError(f"{what} is not available on this backbone: {self._vision.no_tower_signals}")
 
     def _rotary(self, like: torch.Tensor, slots: torch.Tensor | None = None):
         """cos/sin of the decoder's own rotary embedding (M-RoPE sections included) at the
@@ -274,3 +278,10 @@ class StageContext:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rotated, _ = self._adapter.apply_rotary(x, x, cos, sin)
         return rotated
+
+
+def _head_norm(attn, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The per-head RMSNorm Qwen3-family attention applies to queries / keys before rotary
+    (``q_norm`` / ``k_norm``); other decoders have none."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)

@@ -21,7 +21,7 @@ from statistics import mean
 import torch
 
 from prunebench.budget import Budget, BudgetError
-from prunebench.engine.method import Method, MethodError, ModelFacts, check_stages, create_method, parse_method_list
+from prunebench.engine.method import Method, MethodError, check_stages, create_method, parse_method_list
 from prunebench.errors import UserError
 from prunebench.models.loading import DTYPES
 from prunebench.results import Record, RecordKey, ResultStore, cell_fields, cpu_name, provenance
@@ -58,6 +58,8 @@ class RunSettings:
     """Everything `prunebench run` needs; the command line fills it (prunebench.commands.run)."""
 
     model: str = DEFAULT_MODEL
+    revision: str | None = None  # hub branch, tag or commit of the model (records: model@revision)
+    trust_remote_code: bool = False  # let the checkpoint run its own code
     methods: str | None = None  # comma list of method specs; None: default_methods(model)
     tasks: str = DEFAULT_TASKS
     budgets: str = DEFAULT_BUDGETS
@@ -99,9 +101,19 @@ def plan(methods: list[Method], budgets: list[Budget], tasks: list[str]) -> list
     return cells
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the schedules and prompts are checked against before any work."""
+
+    name: str
+    num_layers: int
+    n_visual: int  # visual tokens of one image (the most one image gives when ``varies``)
+    varies: bool  # the count depends on the image (LLaVA-NeXT, Qwen-VL, ...)
+
+
 def check_schedules(methods: list[Method], budgets: list[Budget], model: ModelFacts) -> None:
-    """Every (method, budget) must be schedulable on this model, and every method must accept it
-    (a checkpoint's vision width), before any cell runs.
+    """Every (method, budget) must be schedulable on this model before any cell runs (a method's
+    other needs, a signal or a checkpoint's width, are probed by ``servable_methods``).
 
     ``model.varies``: the visual tokens depend on the image (LLaVA-NeXT, Qwen-VL) and ``n_visual``
     is the most one image can give; a budget is checked against that image, so the layer checks
@@ -119,7 +131,6 @@ def check_schedules(methods: list[Method], budgets: list[Budget], model: ModelFa
                 raise type(err)(
                     f"{method.spec()} at budget {budget} on {model.name} ({tokens}, {model.num_layers} decoder layers): {err}"
                 ) from None
-        method.check_model(model)
 
 
 def check_prompts(data: TaskData, processor, model: ModelFacts, max_positions: int | None) -> None:
@@ -140,7 +151,7 @@ def _model_facts(name: str, engine, processor) -> ModelFacts:
 
     config = engine.model.config
     n_visual = max_image_tokens(config, getattr(processor, "image_processor", None))
-    return ModelFacts(name, engine.adapter.num_layers, n_visual, config.model_type != "llava", engine.adapter.vision_width)
+    return ModelFacts(name, engine.adapter.num_layers, n_visual, config.model_type != "llava")
 
 
 def _listed(flag: str, text: str, parse) -> list:
@@ -227,17 +238,21 @@ def run(args: RunSettings) -> list[Record]:
     # 2. the model (a missing checkpoint fails here, within seconds), and what depends on it
     from prunebench.engine.generate import PruningEngine
     from prunebench.models.loading import cpu_dtype, load_model
+    from prunebench.run.servable import servable_methods
 
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
-    model, processor = load_model(args.model, device=device, dtype=dtype)
+    model, processor = load_model(args.model, device=device, dtype=dtype, revision=args.revision,
+                                  trust_remote_code=args.trust_remote_code)
     engine = PruningEngine(model, processor.tokenizer)
     facts = _model_facts(args.model, engine, processor)
     check_schedules(checked.methods, checked.budgets, facts)
+    methods = servable_methods(checked.methods, engine, processor, args.model, listed=args.methods is not None,
+                               note=console.print)
     for data in checked.task_data.values():
         check_prompts(data, processor, facts, engine.adapter.max_positions)
 
     # 3. the cells, keyed by their inputs' contents; the stored ones must be readable
-    cells = plan(checked.methods, checked.budgets, checked.tasks)
+    cells = plan(methods, checked.budgets, checked.tasks)
     keys, cell_inputs = _keys(cells, args, processor, checked.task_data)
     store.check_writable(keys)
     stored = {} if args.force else {key: store.load(key) for key in keys if store.has(key)}
@@ -296,14 +311,15 @@ def _data_path(task_data: dict[str, TaskData], task: str) -> str | None:
 def _keys(cells: list[Cell], args: RunSettings, processor, task_data: dict[str, TaskData]):
     """Each cell's record key, its ``inputs`` a digest of the contents behind the cell
     (prunebench.run.inputs), and those contents as the record's provenance describes them."""
-    shared = {"model": inputs.model_digest(args.model), "prompt": inputs.prompt_digest(processor),
+    shared = {"model": inputs.model_digest(args.model, args.revision), "prompt": inputs.prompt_digest(processor),
               "decoding": {"max_new_tokens": args.max_new_tokens, "seed": args.seed}}
+    model_name = args.model + (f"@{args.revision}" if args.revision else "")  # another revision, other records
     method_parts = {cell.method.spec(): inputs.method_digest(cell.method) for cell in cells}
     keys, described = [], []
     for cell in cells:
         data = task_data.get(cell.task)
         parts = {**shared, "task": data.sha256 if data else None, "method": method_parts[cell.method.spec()]}
-        keys.append(RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit,
+        keys.append(RecordKey(model_name, cell.method.spec(), str(cell.budget), cell.task, args.limit,
                               inputs=inputs.key_digest(parts)))
         described.append({**parts, **({"task_data": data.describe()} if data else {})})
     return keys, described

@@ -19,23 +19,21 @@ from pathlib import Path
 
 from prunebench.engine.method import Method
 from prunebench.fingerprint import combine, directory_digest, files_digest, text_digest
-from prunebench.models import backbones
 from prunebench.models.loading import BUILTIN_TRAINED
-from prunebench.models.tiny import BUILTIN_RANDOM
 
 PROBE = "<image>\nWhat is in the image?"
 
 
-def model_digest(name: str) -> str | None:
+def model_digest(name: str, revision: str | None = None) -> str | None:
     if name in BUILTIN_TRAINED:
         return directory_digest(BUILTIN_TRAINED[name])
-    if name in BUILTIN_RANDOM or backbones.handles(name):
+    if name.startswith("random:"):  # built in code from the name
         return None
     if os.path.isdir(name):
         return directory_digest(name)
     from huggingface_hub import try_to_load_from_cache
 
-    config = try_to_load_from_cache(name, "config.json")
+    config = try_to_load_from_cache(name, "config.json", revision=revision)
     return text_digest(f"hub:{name}@{Path(config).parent.name}") if isinstance(config, str) else None
 
 

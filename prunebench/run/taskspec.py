@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from pathlib import Path
 
 from prunebench.errors import UserError
+from prunebench.models.hub import hub_reachable
 from prunebench.tasks import GENERATED
 
 ALIASES = {
@@ -112,18 +112,7 @@ def hub_status() -> str:
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return "offline"
-    return "reachable" if _hub_reachable(constants.ENDPOINT) else "unreachable"
-
-
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    from urllib.parse import urlparse
-
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return "reachable" if hub_reachable(constants.ENDPOINT) else "unreachable"
 
 
 def base_config(task: str) -> dict:

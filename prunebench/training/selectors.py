@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prunebench.engine.method import Method, MethodError, ModelFacts, Selection
+from prunebench.engine.method import Method, MethodError, Selection
 
 if TYPE_CHECKING:
     from prunebench.engine.signals import StageContext
@@ -460,23 +460,19 @@ class CheckpointScorer:
             check_weights(self.directory, build_from_record(self.record, self.directory))
         self._loaded: tuple[tuple[str, int], nn.Module] | None = None
 
-    def check_width(self, vision_width: int) -> None:
-        """Refuse vision features of another width than the checkpoint was trained on."""
-        if self.shipped and self.record["config"]["vision_width"] != vision_width:
-            raise CheckpointError(
-                f"{self.kind}: without ckpt= it uses the checkpoint shipped for builtin:tiny-llava, which "
-                f"does not fit this model (vision width {vision_width}); pass {self.kind}:ckpt=DIR "
-                f"({train_hint(self.kind)})"
-            )
-        check_vision_width(self.record, vision_width, self.directory)
-
     def files(self) -> list[Path]:
         return [self.directory / CONFIG_NAME, self.directory / WEIGHTS_NAME]
 
     def module(self, device: torch.device, vision_width: int) -> nn.Module:
         key = (str(device), vision_width)
         if self._loaded is None or self._loaded[0] != key:
-            self.check_width(vision_width)
+            if self.shipped and self.record["config"]["vision_width"] != vision_width:
+                raise CheckpointError(
+                    f"{self.kind}: without ckpt= it uses the checkpoint shipped for builtin:tiny-llava, which "
+                    f"does not fit this model (vision width {vision_width}); pass {self.kind}:ckpt=DIR "
+                    f"({train_hint(self.kind)})"
+                )
+            check_vision_width(self.record, vision_width, self.directory)
             self._loaded = (key, load_selector(self.directory, self.kind, device))
         return self._loaded[1]
 
@@ -519,11 +515,6 @@ class CheckpointSelector(Method):
 
     def __post_init__(self) -> None:
         self._scorer = CheckpointScorer(self.name, self.ckpt)  # a missing or bad checkpoint fails here
-
-    def check_model(self, model: ModelFacts) -> None:
-        if model.vision_width is None:
-            raise CheckpointError(f"{self.name} scores pre-projector vision features, which {model.name} does not offer")
-        self._scorer.check_width(model.vision_width)
 
     def input_files(self) -> list[Path]:
         return self._scorer.files()

@@ -45,7 +45,7 @@ def test_report_layout(run):
                     "### DivPrune: vectorised vs loops", "### AutoSelect's scorer alone", "## random:tiny-qwen2.5-vl",
                     "### Not measured"):
         assert section in readme
-    assert "visionzip @ 576, 64: MethodError" in readme  # Qwen's tower has no CLS token
+    assert "visionzip @ 576, 64: SignalUnavailableError" in readme  # Qwen's tower has no CLS token
     assert "# prunebench profile: random:tiny-llava" in (folder / "profile-random-tiny-llava.md").read_text()
 
 

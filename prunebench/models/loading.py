@@ -171,10 +171,11 @@ def check_local_config(directory: Path) -> None:
     if not config.is_file():
         raise ModelNotFoundError(f"local directory {str(directory)!r} has no config.json: not a Hugging Face model folder")
     try:
-        if not isinstance(json.loads(config.read_text()), dict):
-            raise ValueError("not a JSON object")
+        data = json.loads(config.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{config} is not a valid model config ({err}); restore or re-download the model") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config} is not a valid model config (not a JSON object); restore or re-download the model")
 
 
 def check_local_weights(directory: Path) -> None:

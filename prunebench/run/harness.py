@@ -1,10 +1,14 @@
 """`prunebench run`: methods x budgets x tasks through lmms-eval, one record per cell, resumable.
 
-Every input is checked before any work (methods, budgets, task names, task data, results
-directory, model). The unpruned baseline runs once per (model, task) and is reused by every
-method. A finished cell is never recomputed unless ``--force``; a cell another live run is
-computing is skipped. A failing cell stops the run with its error: nothing turns into an empty
-answer, and the records already written stay.
+Every input is checked before any cell runs: the command line, task names, every --task-data
+file (read as its task reads it, prunebench.run.taskdata), the results folders, the model, every
+(method, budget) schedule against its depth and visual tokens, the methods it can serve, and the
+questions against its positions. A record's key digests the contents behind its cell
+(prunebench.run.inputs), so a changed input is a new record. The unpruned baseline runs once per
+(model, task) and is reused by every method. A finished cell is never recomputed unless
+``--force``; a cell another live run is computing is skipped, naming its lock. A failing cell
+stops the run with its error: nothing turns into an empty answer, and the records already
+written stay.
 """
 
 from __future__ import annotations

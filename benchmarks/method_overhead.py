@@ -278,7 +278,7 @@ def fastv_eager_prefill(bench: Bench, layer: int, k: int, positions_policy: str,
                                   dtype=hidden.dtype).triu(1)[None, None]
                 hidden = block(hidden, attention_mask=mask, position_ids=positions[None],
                                position_embeddings=adapter.decoder.rotary_emb(hidden, positions[None]),
-                               past_key_values=cache, use_cache=True)
+                               use_cache=True, **{bench.engine.cache_argument: cache})
             logits = adapter.lm_head(adapter.decoder.norm(hidden[:, -1:]))[:, -1]
     finally:
         hook.remove()

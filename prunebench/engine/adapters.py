@@ -107,8 +107,17 @@ class Adapter:
             f"{type(self.model).__name__}: visual tokens vary per image; budgets are checked per image at run time"
         )
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the decoder was built for (``max_position_embeddings``)."""
+        return getattr(self.decoder.config, "max_position_embeddings", None)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
+
+    def sample_pixels(self, pixel_values: torch.Tensor, **image_inputs) -> list[torch.Tensor]:
+        """Per sample, its image's pixels, the same whatever batch it is in (seeds use them)."""
+        return list(pixel_values)
 
     def image_inputs(self, inputs) -> dict[str, torch.Tensor]:
         """The extra image inputs (``image_keys``) picked from a processor output."""
@@ -243,6 +252,15 @@ class LlavaNextAdapter(Adapter):
         self.inner = inner
         self.projector = inner.multi_modal_projector
 
+    def sample_pixels(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """The base image and crops of each sample, without the padding a batch adds."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.model.config
+        counts = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                  for size in image_sizes]
+        return [pixels[:count] for pixels, count in zip(pixel_values, counts)]
+
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
         config = self.model.config
         out = self.inner.get_image_features(
@@ -289,6 +307,10 @@ class QwenVLAdapter(Adapter):
             input_ids, mm_token_type_ids=kinds, image_grid_thw=image_grid_thw, attention_mask=attention_mask
         )
         return positions
+
+    def sample_pixels(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """The patches of each sample's image (the processor concatenates a batch's)."""
+        return list(pixel_values.split(image_grid_thw.prod(-1).tolist()))
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionOutput:
         out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)
@@ -379,6 +401,10 @@ class InternVLAdapter(Adapter):
             )
         return {"image_tiles": (inputs["input_ids"] == self.image_token_id).sum(-1) // self.tokens_per_tile}
 
+    def sample_pixels(self, pixel_values: torch.Tensor, image_tiles: torch.Tensor) -> list[torch.Tensor]:
+        """The tiles of each sample's image (the processor concatenates a batch's)."""
+        return list(pixel_values.split(image_tiles.tolist()))
+
     def encode_images(self, pixel_values: torch.Tensor, image_tiles: torch.Tensor) -> VisionOutput:
         config = self.model.config
         tower = self.inner.vision_tower
@@ -436,6 +462,10 @@ class SmolVLMAdapter(Adapter):
         super().__init__(model, inner.text_model, model.config.image_token_id)
         self.inner = inner
         self.connector = inner.connector
+
+    def sample_pixels(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """The tiles of each sample's image, without the all-zero tiles a batch pads with."""
+        return [tiles[(tiles != 0).flatten(1).any(-1)] for tiles in pixel_values.flatten(1, -4)]
 
     def encode_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> VisionOutput:
         out = self.inner.get_image_features(pixel_values, pixel_attention_mask)

@@ -7,6 +7,7 @@ rotary embedding (keys of already-run layers come straight from the KV cache).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import zlib
@@ -20,6 +21,24 @@ from prunebench.engine.sequence import TokenLayout
 
 if TYPE_CHECKING:
     from prunebench.engine.method import Stage
+
+
+class SampleKeys:
+    """Per sample, a number identifying it by content: its prompt tokens and its image's pixels
+    (so the same question on two images differs), whatever batch it is in. Computed on first use
+    (a host copy of ids and pixels), only by methods that draw at random."""
+
+    def __init__(self, input_ids: torch.Tensor, valid: torch.Tensor, pixels: Callable[[], list[torch.Tensor]]):
+        self._ids, self._valid, self._pixels = input_ids, valid, pixels
+        self._keys: list[int] | None = None
+
+    def __getitem__(self, b: int) -> int:
+        if self._keys is None:
+            self._keys = []
+            for ids, keep, image in zip(self._ids, self._valid, self._pixels()):
+                key = zlib.crc32(ids[keep].cpu().numpy().tobytes())
+                self._keys.append(zlib.crc32(image.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), key))
+        return self._keys[b]
 
 
 class SignalUnavailableError(MethodError):
@@ -46,7 +65,7 @@ class StageContext:
         hidden: torch.Tensor,
         layer_inputs: dict[int, torch.Tensor],
         cache,
-        sample_keys: list[int],
+        sample_keys: SampleKeys,
         seed: int,
         state: dict,
     ):
@@ -123,8 +142,8 @@ class StageContext:
         return [row[:n].topk(k).indices for row, n, k in zip(scores, self.n_visual, self.keep)]
 
     def generator(self, b: int) -> torch.Generator:
-        """A generator for sample ``b`` seeded by (method seed, the sample's prompt tokens): a
-        sample draws the same tokens whatever batch it is in."""
+        """A generator for sample ``b`` seeded by (method seed, the sample's prompt tokens and image
+        pixels): a sample draws the same tokens whatever batch it is in."""
         seed = zlib.crc32(f"{self._seed}:{self._sample_keys[b]}".encode())
         return torch.Generator(device=self.hidden.device).manual_seed(seed)
 

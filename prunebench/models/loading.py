@@ -128,6 +128,8 @@ def load_pretrained(name: str, device: str, dtype: torch.dtype, revision: str | 
     local = os.path.isdir(name)
     if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):  # a path, not an owner/name id
         raise ModelNotFoundError(f"cannot load local directory {name!r}: no such directory")
+    if local:
+        check_local_config(Path(name))
     offline = None if local else hub.offline_reason()
     kwargs = hub.pretrained_kwargs(revision, trust_remote_code, offline)
     what = "local directory" if local else "hub id"
@@ -145,6 +147,8 @@ def load_pretrained(name: str, device: str, dtype: torch.dtype, revision: str | 
             f"{name!r} is a {architecture}, which prunebench has no adapter for; supported architectures: "
             f"{', '.join(ARCHITECTURES)} (InternVL loads from its transformers conversion, e.g. OpenGVLab/InternVL3-8B-hf)"
         )
+    if local:
+        check_local_weights(Path(name))
     try:
         model = getattr(transformers, architecture).from_pretrained(
             name, config=config, dtype=dtype, device_map=device, attn_implementation="sdpa", **kwargs)
@@ -158,6 +162,36 @@ def load_pretrained(name: str, device: str, dtype: torch.dtype, revision: str | 
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model.eval(), processor
+
+
+def check_local_config(directory: Path) -> None:
+    """A local model folder's config.json exists and parses (else one line, not a misreport as a
+    missing download)."""
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ModelNotFoundError(f"local directory {str(directory)!r} has no config.json: not a Hugging Face model folder")
+    try:
+        data = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{config} is not a valid model config ({err}); restore or re-download the model") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config} is not a valid model config (not a JSON object); restore or re-download the model")
+
+
+def check_local_weights(directory: Path) -> None:
+    """A local model folder holds safetensors weights whose headers read."""
+    from safetensors import SafetensorError, safe_open
+
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"local directory {str(directory)!r} has no *.safetensors weights (prunebench loads "
+                        "safetensors only, never pickled .bin files)")
+    for weights in shards:
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{weights} is corrupt or not a safetensors file ({err}); restore or re-download it") from None
 
 
 def load_builtin(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -182,8 +216,11 @@ def cpu_dtype() -> str:
     return "bfloat16" if any(check is not None and check() for check in native) else "float32"
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 def _dtype(name: str) -> torch.dtype:
-    choices = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in choices:
-        raise UserError(f"unknown dtype {name!r}; valid choices: {', '.join(choices)}")
-    return choices[name]
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; valid choices: {', '.join(DTYPES)}")
+    return DTYPES[name]

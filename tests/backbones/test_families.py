@@ -107,7 +107,7 @@ def test_two_stages_equal_slow_reference(family, positions):
         torch.testing.assert_close(torch.stack([step[b] for step in gen.logits]), logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("spec,budget", [("fastv", 12), ("divprune", "50%"), ("pyramiddrop:layers=1/2/3", "50%"),
+@pytest.mark.parametrize("spec,budget", [("fastv", 12), ("random", "50%"), ("divprune", "50%"), ("pyramiddrop:layers=1/2/3", "50%"),
                                          ("dart", 12), ("sparsevlm:layers=0/1/2,version=2.0,heads=2", "50%")])
 def test_batch_equals_each_alone(family, spec, budget):
     """Per-image budgets: K visual tokens of every image (tiles, newlines, global view included)."""

@@ -19,6 +19,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -126,8 +127,8 @@ class Bench:
     def __init__(self, engine: PruningEngine, inputs: dict, repeats: int, warmup: int):
         self.engine, self.inputs, self.repeats, self.warmup = engine, inputs, repeats, warmup
 
-    def median(self, fn: Callable[[StageClock], object], stages: tuple[str, ...]) -> dict[str, float]:
-        """Median ms of the sum of ``stages`` per run, and of each stage, over the timed repeats."""
+    def runs(self, fn: Callable[[StageClock], object]) -> list[dict[str, float]]:
+        """ms per stage of each timed repeat, after the warm-up runs."""
         for _ in range(self.warmup):
             fn(StageClock(self.engine.device))
         runs = []
@@ -135,8 +136,13 @@ class Bench:
             clock = StageClock(self.engine.device)
             fn(clock)
             runs.append(clock.summary())
+        return runs
+
+    def median(self, fn: Callable[[StageClock], object], stages: tuple[str, ...]) -> dict[str, float]:
+        """Median ms of the sum of ``stages`` per run, and of each stage, over the timed repeats."""
+        runs = self.runs(fn)
         out = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in {k for r in runs for k in r}}
-        out["total"] = statistics.median(sum(r.get(s, 0.0) for s in stages) for r in runs)
+        out["total"] = statistics.median(totals(runs, stages))
         return out
 
     @torch.inference_mode()
@@ -193,41 +199,62 @@ def fastv_section(bench: Bench, budgets: list[int], spec: str = "fastv") -> str:
     title = "## FastV: engine (SDPA + one recomputed attention row) vs official eager\n\n"
     if spec.partition(":")[0] not in available_methods():
         return title + f"skipped: no method named {spec!r} is registered (methods/fastv.py is not built yet)."
-    model = bench.engine.model
     rows = []
     for k in budgets:
-        method = create_method(spec)
-        state = {}
-
-        def ours(clock, method=method, k=k, state=state):
-            state["ours"] = bench.prefill(method, k, clock)
-
-        t_ours = bench.median(ours, ("pruner", "prefill"))
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")
-        try:
-            def official(clock, method=method, k=k, state=state):
-                state["official"] = fastv_eager_prefill(bench, method.layer, k, method.positions, clock)
-
-            t_eager = bench.median(official, ("prefill",))
-        finally:
-            model.set_attn_implementation(previous)
-        kept_ours = sorted(state["ours"].layout.visual_id[0][state["ours"].layout.visual_id[0] >= 0].tolist())
-        kept_eager, logits_eager = state["official"]
-        same = kept_ours == kept_eager
-        close = torch.allclose(state["ours"].logits.float(), logits_eager.float(), atol=1e-3, rtol=1e-3)
-        ratio = t_ours["total"] / t_eager["total"]
-        rows.append([method.spec(), str(k), f"{t_eager['total']:.1f}", f"{t_ours['total']:.1f}", f"{ratio:.2f}",
-                     "yes" if ratio <= FASTV_TARGET else "no", "yes" if same else "NO", "yes" if close else "NO"])
+        pair = compare_fastv(bench, spec, k)
+        ours, eager = statistics.median(pair.ours), statistics.median(pair.eager)
+        ratio = ours / eager
+        rows.append([pair.spec, str(k), f"{eager:.1f}", f"{ours:.1f}", f"{ratio:.2f}",
+                     "yes" if ratio <= FASTV_TARGET else "no", "yes" if pair.same_kept else "NO",
+                     "yes" if pair.same_logits else "NO"])
     return title + markdown_table(
         ["method", "K", "official eager prefill ms", "engine prefill ms", "ratio", f"<= {FASTV_TARGET}",
          "same kept set", "same logits"], rows
-    ) + (
-        "\n\nPrefill = decoder layers + pruning + lm_head for one prompt (vision tower excluded in both). "
-        "Official way: the model switched to eager attention, layers run in order with a KV cache, layer "
-        "K-1's attention maps taken from its forward, the last token's row averaged over heads ranks the "
-        "image tokens, the top K keep their original positions, layers K.. run on the rest."
-    )
+    ) + "\n\n" + FASTV_NOTE
+
+
+FASTV_NOTE = (
+    "Prefill = decoder layers + pruning + lm_head for one prompt (vision tower excluded in both). "
+    "Official way: the model switched to eager attention, layers run in order with a KV cache, layer "
+    "K-1's attention maps taken from its forward, the last token's row averaged over heads ranks the "
+    "image tokens, the top K keep their original positions, layers K.. run on the rest."
+)
+
+
+@dataclass
+class FastVPair:
+    spec: str
+    ours: list[float]  # ms per timed repeat: pruner + prefill on the engine
+    eager: list[float]  # ms per timed repeat: prefill the official way
+    same_kept: bool
+    same_logits: bool
+
+
+def compare_fastv(bench: Bench, spec: str, k: int) -> FastVPair:
+    """FastV at budget ``k`` on the engine and the official eager way (LLaVA-1.5 layouts: one image,
+    1-D positions), timed alike, with whether both keep the same tokens and give the same logits."""
+    model = bench.engine.model
+    method = create_method(spec)
+    state = {}
+
+    def ours(clock):
+        state["ours"] = bench.prefill(method, k, clock)
+
+    ours_runs = totals(bench.runs(ours), ("pruner", "prefill"))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        def official(clock):
+            state["official"] = fastv_eager_prefill(bench, method.layer, k, method.positions, clock)
+
+        eager_runs = totals(bench.runs(official), ("prefill",))
+    finally:
+        model.set_attn_implementation(previous)
+    layout = state["ours"].layout
+    kept_ours = sorted(layout.visual_id[0][layout.visual_id[0] >= 0].tolist())
+    kept_eager, logits_eager = state["official"]
+    close = torch.allclose(state["ours"].logits.float(), logits_eager.float(), atol=1e-3, rtol=1e-3)
+    return FastVPair(method.spec(), ours_runs, eager_runs, kept_ours == kept_eager, close)
 
 
 @torch.inference_mode()
@@ -261,7 +288,7 @@ def fastv_eager_prefill(bench: Bench, layer: int, k: int, positions_policy: str,
                                   dtype=hidden.dtype).triu(1)[None, None]
                 hidden = block(hidden, attention_mask=mask, position_ids=positions[None],
                                position_embeddings=adapter.decoder.rotary_emb(hidden, positions[None]),
-                               past_key_values=cache, use_cache=True)
+                               use_cache=True, **{bench.engine.cache_argument: cache})
             logits = adapter.lm_head(adapter.decoder.norm(hidden[:, -1:]))[:, -1]
     finally:
         hook.remove()
@@ -273,25 +300,11 @@ def fastv_eager_prefill(bench: Bench, layer: int, k: int, positions_policy: str,
 
 
 def divprune_section(bench: Bench, budgets: list[int]) -> str:
-    adapter = bench.engine.adapter
-    with torch.inference_mode():
-        features = adapter.project(adapter.encode_images(bench.inputs["pixel_values"]).features)
-    variants = {
-        "vectorised": lambda k: max_min_diverse(features, k)[0],
-        "official": lambda k: official_shape_loop(features[0], k),
-        "python": lambda k: plain_python_loop(features[0], k),
-    }
+    features = projected_features(bench)
     rows = []
     for k in budgets:
-        times, picks = {}, {}
-        for name, fn in variants.items():
-            def once(clock, fn=fn, name=name, k=k, picks=picks):
-                with clock("select"):
-                    out = fn(k)
-                picks[name] = sorted(int(i) for i in out)
-
-            times[name] = bench.median(once, ("select",))["total"]
-        same = picks["vectorised"] == picks["official"] == picks["python"]
+        runs, same = time_divprune(bench, features, k)
+        times = {name: statistics.median(values) for name, values in runs.items()}
         rows.append([str(k), f"{times['vectorised']:.2f}", f"{times['official']:.2f}", f"{times['python']:.1f}",
                      f"{times['vectorised'] / times['official']:.3f}", f"{times['vectorised'] / times['python']:.4f}",
                      "yes" if same else "NO"])
@@ -299,11 +312,39 @@ def divprune_section(bench: Bench, budgets: list[int]) -> str:
     return f"## DivPrune selection: N={n} tokens of width {width}, one image (median ms)\n\n" + markdown_table(
         ["K", "vectorised ms", "official-shape loop ms", "plain Python loop ms", "ratio vs official-shape",
          "ratio vs plain Python", "same picks"], rows
-    ) + (
-        "\n\nAll three include the cosine-distance matrix. Official shape: one Python step per pick that "
-        "re-reduces the min over every picked row, one image at a time (as vbdi/divprune does). Plain "
-        "Python: a loop over the tokens on Python floats, keeping a running min per token."
-    )
+    ) + "\n\n" + DIVPRUNE_NOTE
+
+
+DIVPRUNE_NOTE = (
+    "All three include the cosine-distance matrix. Official shape: one Python step per pick that "
+    "re-reduces the min over every picked row, one image at a time (as vbdi/divprune does). Plain "
+    "Python: a loop over the tokens on Python floats, keeping a running min per token."
+)
+
+
+@torch.inference_mode()
+def projected_features(bench: Bench) -> torch.Tensor:
+    """The prompt's image tokens after the projector, ``(1, N, D)``: what DivPrune selects among."""
+    engine, x = bench.engine, bench.inputs
+    return engine.encode_images(x["pixel_values"], image_inputs=engine.adapter.image_inputs(x)).embeds
+
+
+def time_divprune(bench: Bench, features: torch.Tensor, k: int) -> tuple[dict[str, list[float]], bool]:
+    """ms per timed repeat of each DivPrune variant at ``k``, and whether all three pick the same tokens."""
+    variants = {
+        "vectorised": lambda: max_min_diverse(features, k)[0],
+        "official": lambda: official_shape_loop(features[0], k),
+        "python": lambda: plain_python_loop(features[0], k),
+    }
+    runs, picks = {}, {}
+    for name, fn in variants.items():
+        def once(clock, fn=fn, name=name):
+            with clock("select"):
+                out = fn()
+            picks[name] = sorted(int(i) for i in out)
+
+        runs[name] = totals(bench.runs(once), ("select",))
+    return runs, picks["vectorised"] == picks["official"] == picks["python"]
 
 
 @torch.inference_mode()
@@ -410,6 +451,11 @@ def plain_python_dpp(features: torch.Tensor, relevance: torch.Tensor, k: int) ->
 
 # ---------------------------------------------------------------------------------------------
 # report
+
+
+def totals(runs: list[dict[str, float]], stages: tuple[str, ...]) -> list[float]:
+    """Per run, the ms summed over ``stages``."""
+    return [sum(run.get(stage, 0.0) for stage in stages) for run in runs]
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -46,6 +47,7 @@ from prunebench import (
     Method,
     MethodError,
     Selection,
+    SignalUnavailableError,
     StageContext,
     load_clip_space,
     register_method,
@@ -78,6 +80,9 @@ class CDPruner(Method):
         if self.text == "clip":
             self._space = load_clip_space(self.clip)  # a missing checkpoint fails before any work
 
+    def input_files(self) -> list[Path]:
+        return self._space.files if self._space is not None else []
+
     def select(self, ctx: StageContext) -> Selection:
         relevance = self.clip_relevance(ctx) if self.text == "clip" else llm_relevance(ctx)
         relevance = min_max(relevance, ctx.visual_mask)
@@ -89,7 +94,7 @@ class CDPruner(Method):
     def clip_relevance(self, ctx: StageContext) -> torch.Tensor:
         """``(B, n_max)`` negative cosine of CLIP image and instruction embeddings, chunk-averaged."""
         if ctx.layout.multimodal:
-            raise MethodError(
+            raise SignalUnavailableError(
                 "cdpruner:text=clip needs a CLIP vision tower; Qwen-VL's has no CLIP text space and the official "
                 "code has no Qwen-VL path: use cdpruner:text=llm (OpenVINO GenAI's port)"
             )

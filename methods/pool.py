@@ -38,6 +38,7 @@ from prunebench import (
     Method,
     MethodError,
     Selection,
+    SignalUnavailableError,
     Stage,
     StageContext,
     register_method,
@@ -103,7 +104,7 @@ class Pool(Method):
                 "Method.resize_image and then runs the engine at budget all); the engine alone cannot resize"
             )
         if ctx.layout.multimodal:
-            raise MethodError(
+            raise SignalUnavailableError(
                 "pool:mode=tokens on Qwen-VL: pooled tokens would need M-RoPE (t, h, w) ids of a coarser grid, "
                 "which built tokens do not carry; use pool:mode=resize (a smaller image, as VTC-Bench)"
             )

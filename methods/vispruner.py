@@ -29,7 +29,14 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prunebench import Method, MethodError, Selection, StageContext, register_method
+from prunebench import (
+    Method,
+    MethodError,
+    Selection,
+    SignalUnavailableError,
+    StageContext,
+    register_method,
+)
 
 ROUND = 8  # the most tokens one round drops (official)
 
@@ -52,7 +59,7 @@ class VisPruner(Method):
 
     def select(self, ctx: StageContext) -> Selection:
         if ctx.layout.multimodal:
-            raise MethodError(
+            raise SignalUnavailableError(
                 "vispruner: the Qwen-VL vision tower has no CLS token, and the official code has no Qwen-VL "
                 "path (its SigLIP path scores by attention received in the last layer, a signal prunebench "
                 "does not offer for Qwen-VL's windowed tower)"

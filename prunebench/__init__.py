@@ -26,6 +26,7 @@ _EXPORTS = {
     "available_methods": "prunebench.engine.method",
     "PositionPolicy": "prunebench.engine.sequence",
     "StageContext": "prunebench.engine.signals",
+    "SignalUnavailableError": "prunebench.engine.signals",
     "PruningEngine": "prunebench.engine.generate",
     "DecodeConfig": "prunebench.engine.generate",
     "Budget": "prunebench.budget",
@@ -48,6 +49,7 @@ __all__ = [
     "PositionPolicy",
     "PruningEngine",
     "Selection",
+    "SignalUnavailableError",
     "Stage",
     "StageContext",
     "UserError",
@@ -72,7 +74,7 @@ if TYPE_CHECKING:
         register_method,
     )
     from prunebench.engine.sequence import PositionPolicy
-    from prunebench.engine.signals import StageContext
+    from prunebench.engine.signals import SignalUnavailableError, StageContext
     from prunebench.errors import MethodError, UserError
     from prunebench.models.clip_text import load_clip_space
     from prunebench.models.loading import load_model

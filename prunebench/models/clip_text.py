@@ -22,8 +22,10 @@ PROJECTION_KEYS = ("visual_projection.weight", "vision_model.post_layernorm.weig
 class ClipSpace(nn.Module):
     """CLIP's text tower with projection, and the vision side's last norm and projection."""
 
-    def __init__(self, text_model: nn.Module, tokenizer, post_layernorm: nn.LayerNorm, visual_projection: nn.Linear):
+    def __init__(self, text_model: nn.Module, tokenizer, post_layernorm: nn.LayerNorm, visual_projection: nn.Linear,
+                 files: list[Path]):
         super().__init__()
+        self.files = files  # what it was loaded from: their contents are part of a record's key
         self.text_model = text_model.eval()
         self.tokenizer = tokenizer
         self.post_layernorm = post_layernorm
@@ -88,4 +90,4 @@ def load_clip_space(name: str) -> ClipSpace:
     norm = nn.LayerNorm(projection.shape[1], eps=eps)
     norm.weight.data.copy_(tensors["vision_model.post_layernorm.weight"].float())
     norm.bias.data.copy_(tensors["vision_model.post_layernorm.bias"].float())
-    return ClipSpace(text_model, tokenizer, norm, visual_projection)
+    return ClipSpace(text_model, tokenizer, norm, visual_projection, sorted(p for p in directory.iterdir() if p.is_file()))

@@ -24,6 +24,7 @@ from prunebench.budget import Budget, BudgetError
 from prunebench.engine.generate import DecodeConfig, EncodedImages, PruningEngine
 from prunebench.engine.method import Method
 from prunebench.engine.timing import StageClock
+from prunebench.errors import UserError
 
 IMAGE_TOKEN = "<image>"  # lmms-eval's own placeholder in a context, and LLaVA's
 
@@ -74,6 +75,32 @@ class RunCache:
         if self._bytes + batch.nbytes <= self.max_bytes:
             self._batches[key] = batch
             self._bytes += batch.nbytes
+
+
+def build_prompt(processor, context: str) -> str:
+    """The model's chat template around the image and the question when the processor has one;
+    otherwise LLaVA-1.5's conversation format with the model's own image placeholder."""
+    text = context if IMAGE_TOKEN in context else f"{IMAGE_TOKEN}\n{context}"
+    template = getattr(processor, "chat_template", None)
+    if template:
+        question = text.replace(IMAGE_TOKEN, "").lstrip("\n")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    # Qwen-VL's image block is <|vision_start|><|image_pad|><|vision_end|>; LLaVA's is <image>
+    placeholder = QWEN_IMAGE if isinstance(processor, QwenVLInputs) else IMAGE_TOKEN
+    return f"USER: {text.replace(IMAGE_TOKEN, placeholder)} ASSISTANT:"
+
+
+class PromptError(UserError, ValueError):
+    """A prompt the model cannot take: longer than its positions, or with no question."""
+
+
+def check_prompt_length(length: int, max_positions: int | None, where: str) -> None:
+    if max_positions is not None and length > max_positions:
+        raise PromptError(
+            f"{where}: the prompt is {length} tokens (image tokens included), more than the model's "
+            f"{max_positions} positions; shorten the question or drop the sample"
+        )
 
 
 @dataclass
@@ -165,6 +192,8 @@ class PrunedVLM(lmms):
             inputs = self._encode([self._prompt(c) for c in contexts], images)
         else:
             inputs = kept.inputs
+        for task, doc_id, length in zip(tasks, doc_ids, inputs["attention_mask"].sum(-1).tolist()):
+            check_prompt_length(length, self.engine.adapter.max_positions, f"{task} doc {doc_id}")
         decode = self._decode_config(dict(gen_kwargs[0]))
         clock = StageClock(self.engine.device)
         with self._naming_samples(inputs, tasks, doc_ids):
@@ -190,7 +219,9 @@ class PrunedVLM(lmms):
         inputs = self._encode([prompt], [image])
         target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         if target.numel() == 0:
-            raise ValueError(f"{task} doc {doc_id}: empty continuation {continuation!r}")
+            raise PromptError(f"{task} doc {doc_id}: empty continuation {continuation!r}; the task gives nothing to score")
+        length = int(inputs["attention_mask"].sum()) + len(target) - 1
+        check_prompt_length(length, self.engine.adapter.max_positions, f"{task} doc {doc_id} (with its continuation)")
         clock = StageClock(self.engine.device)
         with self._naming_samples(inputs, [task], [doc_id]):
             logprobs, greedy, visual_tokens = self.engine.score_continuation(
@@ -228,17 +259,7 @@ class PrunedVLM(lmms):
         return visuals[0].convert("RGB")
 
     def _prompt(self, context: str) -> str:
-        """The model's chat template around the image and the question when the processor has one;
-        otherwise LLaVA-1.5's conversation format with the model's own image placeholder."""
-        text = context if IMAGE_TOKEN in context else f"{IMAGE_TOKEN}\n{context}"
-        template = getattr(self.processor, "chat_template", None)
-        if template:
-            question = text.replace(IMAGE_TOKEN, "").lstrip("\n")
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        # Qwen-VL's image block is <|vision_start|><|image_pad|><|vision_end|>; LLaVA's is <image>
-        placeholder = QWEN_IMAGE if isinstance(self.processor, QwenVLInputs) else IMAGE_TOKEN
-        return f"USER: {text.replace(IMAGE_TOKEN, placeholder)} ASSISTANT:"
+        return build_prompt(self.processor, context)
 
     def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """Token ids, pixels (in the model's dtype) and the extra image inputs the backbone needs

@@ -460,6 +460,9 @@ class CheckpointScorer:
             check_weights(self.directory, build_from_record(self.record, self.directory))
         self._loaded: tuple[tuple[str, int], nn.Module] | None = None
 
+    def files(self) -> list[Path]:
+        return [self.directory / CONFIG_NAME, self.directory / WEIGHTS_NAME]
+
     def module(self, device: torch.device, vision_width: int) -> nn.Module:
         key = (str(device), vision_width)
         if self._loaded is None or self._loaded[0] != key:
@@ -512,6 +515,9 @@ class CheckpointSelector(Method):
 
     def __post_init__(self) -> None:
         self._scorer = CheckpointScorer(self.name, self.ckpt)  # a missing or bad checkpoint fails here
+
+    def input_files(self) -> list[Path]:
+        return self._scorer.files()
 
     def select(self, ctx: StageContext) -> Selection:
         return self._scorer.top_k(ctx)

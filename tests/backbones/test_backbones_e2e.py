@@ -76,7 +76,9 @@ def reference(model_name: str, pope: Path, contexts: dict[str, str]) -> tuple[li
     return counts, answers
 
 
-@pytest.mark.parametrize("model_name,budget", [("random:tiny-qwen2-vl", "25%"), ("random:tiny-llava-next", "20")])
+@pytest.mark.parametrize("model_name,budget", [("random:tiny-qwen2-vl", "25%"), ("random:tiny-llava-next", "20"),
+                                               ("random:tiny-qwen3-vl", "25%"), ("random:tiny-smolvlm", "25%"),
+                                               ("random:tiny-llava-onevision", "25%")])
 def test_run_accounts_visual_tokens_per_sample_and_keep_all_is_generate(tmp_path, pope_file, contexts, model_name, budget):
     assert main(run_args(tmp_path, pope_file, model_name, budget)) == 0
     store = ResultStore(tmp_path)
@@ -120,7 +122,8 @@ def test_budgets_no_image_can_meet_fail_before_any_work(tmp_path, pope_file, cap
     assert not list(tmp_path.glob("*/*/*.json"))
 
 
-@pytest.mark.parametrize("model_name", ["random:tiny-qwen2-vl", "random:tiny-llava-next"])
+@pytest.mark.parametrize("model_name", ["random:tiny-qwen2-vl", "random:tiny-llava-next", "random:tiny-qwen3-vl",
+                                        "random:tiny-smolvlm"])
 def test_loglikelihood_keep_all_is_the_models_own_log_probability(model_name):
     """lmms-eval's loglikelihood path with the backbone's image inputs: unpruned, the summed
     log-probability of the continuation equals the model's own teacher-forced forward pass."""
@@ -144,6 +147,28 @@ def test_loglikelihood_keep_all_is_the_models_own_log_probability(model_name):
     assert total == pytest.approx(expected, abs=1e-4)
     n = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert lm.stats[("t", 0)].visual_tokens == [n] * 4
+
+
+def test_a_method_the_backbone_cannot_serve_is_refused_before_any_work_when_listed(tmp_path, pope_file, capsys):
+    """VisionZip needs the vision tower's CLS attention, which SmolVLM's tower does not have."""
+    assert main(run_args(tmp_path, pope_file, "random:tiny-smolvlm", "25%", methods="none,visionzip")) == 2
+    err = capsys.readouterr().err
+    assert "method 'visionzip' cannot run on random:tiny-smolvlm" in err and "no CLS token" in err
+    assert not list(tmp_path.glob("*/*/*.json"))
+
+
+def test_default_methods_leave_out_those_the_backbone_cannot_serve():
+    """From the default list such a method is left out, saying why; the rest are kept in order."""
+    from prunebench.engine.method import create_method
+    from prunebench.run.servable import servable_methods
+
+    model, processor = load_model("random:tiny-smolvlm")
+    engine = PruningEngine(model, processor.tokenizer)
+    methods = [create_method(spec) for spec in ("none", "random", "visionzip", "fastv", "divprune:space=vision")]
+    notes = []
+    kept = servable_methods(methods, engine, processor, "random:tiny-smolvlm", listed=False, note=notes.append)
+    assert [m.spec() for m in kept] == ["none", "random", "fastv", "divprune:space=vision"]
+    assert len(notes) == 1 and notes[0].startswith("skipped visionzip") and "no CLS token" in notes[0]
 
 
 def test_pool_resize_runs_the_model_on_the_shrunk_image(tmp_path, pope_file, contexts):

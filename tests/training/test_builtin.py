@@ -190,8 +190,8 @@ def test_default_methods_are_every_method_and_need_no_arguments_on_the_shipped_m
     on_builtin = [create_method(spec) for spec in parse_method_list(default_methods(DEFAULT_MODEL))]
     assert sorted(m.name for m in on_builtin) == sorted(shipped)
     elsewhere = {create_method(spec).name for spec in parse_method_list(default_methods("llava-hf/llava-1.5-7b-hf"))}
-    # autoselect / gumbel need a checkpoint for that model; cdpruner's CLIP text tower, pool's mode and
-    # vispruner's CLS token depend on the backbone, so the default list elsewhere leaves them to the user
+    # autoselect / gumbel need a checkpoint for that model; cdpruner needs CLIP's text tower (another
+    # checkpoint) and pool a mode chosen per backbone; vispruner is not in the list for other models yet
     assert elsewhere == shipped - {"autoselect", "gumbel", "cdpruner", "pool", "vispruner"}
 
 

@@ -256,6 +256,13 @@ def test_batch_of_three_equals_each_alone(tiny, engine, batch, clip_dir, spec, b
     assert_batch_equals_each_alone(engine, processor, batch, spec, budget, max_new_tokens=6)
 
 
+def test_the_clip_checkpoint_keys_the_records(clip_dir):
+    """Its files change what is selected, so their contents belong to a record's key."""
+    files = {path.name for path in create_method(f"cdpruner:clip={clip_dir[0]}").input_files()}
+    assert {"model.safetensors", "config.json"} <= files
+    assert create_method("cdpruner:text=llm").input_files() == []
+
+
 def test_bad_settings_are_clear_errors(engine, batch, clip_dir, tmp_path):
     with pytest.raises(ModelNotFoundError, match="cannot load the CLIP checkpoint .*download it first"):
         create_method(f"cdpruner:clip={tmp_path / 'absent'}")

@@ -59,6 +59,8 @@ class VisionOutput:
     no_features: str | None = None  # why ``features`` is missing
     no_tower_signals: str | None = None  # why the vision tower's attention/keys/hidden are not offered
     deepstack: tuple[torch.Tensor, ...] = ()  # (B, n_max, D) per decoder layer 0, 1, ..: added to that layer's output (Qwen3-VL)
+    grid: list[tuple[int, int]] | None = None  # per sample, (rows, columns) of its visual tokens in row-major order
+    no_grid: str | None = "its visual tokens are not one row-major 2-D grid (tiles, crops or packed runs)"  # why no ``grid``
 
 
 def _module_rotary(layer: nn.Module):
@@ -153,6 +155,8 @@ class Adapter:
 class LlavaAdapter(Adapter):
     """LLaVA-1.5: CLIP vision tower -> MLP projector -> Llama-family decoder."""
 
+    CLS_IN_GRID = "vision_feature_select_strategy 'full' puts the CLS token before the patch grid"
+
     def __init__(self, model: nn.Module):
         inner = model.model
         super().__init__(model, inner.language_model, model.config.image_token_id)
@@ -190,7 +194,10 @@ class LlavaAdapter(Adapter):
         features, offset = hidden, 0
         if self.select_strategy == "default":
             features, offset = features[:, 1:], 1
-        return VisionOutput([features.shape[1]] * features.shape[0], features, tuple(states), offset)
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        grid, no_grid = ([(side, side)] * features.shape[0], None) if offset else (None, self.CLS_IN_GRID)
+        return VisionOutput([features.shape[1]] * features.shape[0], features, tuple(states), offset,
+                            grid=grid, no_grid=no_grid)
 
     def vision_hidden(self, vision: VisionOutput, index: int) -> torch.Tensor:
         """``hidden_states[index]`` of the whole tower (negative: counted from its end), which enters
@@ -241,6 +248,11 @@ class LlavaNextAdapter(Adapter):
         "packed tokens; use a method that scores the projected tokens or the LLM's attention"
     )
 
+    NO_GRID = (
+        "LLaVA-NeXT's packed tokens are a base-image grid followed by unpadded anyres crops with one "
+        "newline token per row, not one row-major grid"
+    )
+
     def __init__(self, model: nn.Module):
         inner = model.model
         super().__init__(model, inner.language_model, model.config.image_token_id)
@@ -272,7 +284,7 @@ class LlavaNextAdapter(Adapter):
         rows = list(out.pooler_output)
         return VisionOutput(
             counts=[r.shape[0] for r in rows], features=None, hidden_states=None, embeds=_pad_rows(rows),
-            no_features=self.NO_FEATURES, no_tower_signals=self.NO_FEATURES,
+            no_features=self.NO_FEATURES, no_tower_signals=self.NO_FEATURES, no_grid=self.NO_GRID,
         )
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -329,7 +341,13 @@ class QwenVLAdapter(Adapter):
             hidden_states=None,
             embeds=_pad_rows(list(out.pooler_output.split(counts))),
             no_tower_signals=self.NO_TOWER_SIGNALS,
+            grid=self.token_grid(image_grid_thw),
         )
+
+    def token_grid(self, image_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+        """Per image, (rows, columns) of its merged tokens, which come in raster order."""
+        merge = self.visual.spatial_merge_size
+        return [(int(h) // merge, int(w) // merge) for _, h, w in image_grid_thw.tolist()]
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         merger = self.visual.merger
@@ -360,6 +378,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
             embeds=_pad_rows(list(out.pooler_output.split(counts))),
             no_tower_signals=self.NO_TOWER_SIGNALS,
             deepstack=tuple(_pad_rows(list(level.split(counts))) for level in out.deepstack_features),
+            grid=self.token_grid(image_grid_thw),
         )
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

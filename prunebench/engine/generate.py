@@ -101,6 +101,7 @@ class _PrefillRun:
     cache: DynamicCache
     visual_tokens: torch.Tensor  # (B, layers): visual tokens entering each layer
     sample_keys: SampleKeys
+    input_ids: torch.Tensor | None = None  # the prompt as given (the instruction text's source)
     groups: list[Group] = field(default_factory=list)
     group_of_layer: list[int] = field(default_factory=list)
     group: Group | None = None  # the open group; None until the first layer and after each stage
@@ -253,6 +254,7 @@ class PruningEngine:
             visual_tokens=torch.zeros(len(layout.n_visual), adapter.num_layers, dtype=torch.long, device=self.device),
             # what seeds a method's per-sample generator: the sample's prompt and image, read on first use
             sample_keys=SampleKeys(input_ids, layout.valid, lambda: adapter.sample_pixels(pixel_values, **image_inputs)),
+            input_ids=input_ids,
         )
         pending = list(stages)
         for index in range(-1, adapter.num_layers):
@@ -298,9 +300,14 @@ class PruningEngine:
             sample_keys=run.sample_keys,
             seed=getattr(method, "seed", 0),
             state=run.method_state,
+            input_ids=run.input_ids,
+            tokenizer=self.tokenizer,
         )
         selection = method.select(ctx)
         keep = normalise_keep(selection.keep, layout.n_visual, ctx.keep, method.name)
+        built = sum(t.shape[1] for t in (selection.leading, selection.merged) if t is not None)
+        if built == 0 and min(len(row) for row in keep) == 0:  # a stage may keep 0 tokens only if it builds some
+            raise MethodError(f"method {method.name!r} left a sample with no visual token (kept 0, built none)")
         return layout.prune(hidden, keep, selection.merged, method.positions, selection.leading)
 
     def _open_group(self, run: _PrefillRun, layout: TokenLayout, hidden: torch.Tensor, index: int) -> None:

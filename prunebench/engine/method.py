@@ -39,6 +39,10 @@ from prunebench.engine.sequence import PositionPolicy
 from prunebench.errors import MethodError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from PIL import Image
+
     from prunebench.engine.signals import StageContext
 
 PRE_LLM = None  # Stage.layer of the pre-LLM stage: after the projector, before decoder layer 0
@@ -90,6 +94,18 @@ class Method:
         """Files whose contents change what this method selects (a checkpoint): their digest is
         part of a record's key, so retraining in place recomputes the cell. Default: none."""
         return []
+
+    @property
+    def resizes_images(self) -> bool:
+        """Whether the method acts before the processor, through :meth:`resize_image`."""
+        return False
+
+    def resize_image(self, image: Image.Image, budget: Budget, tokens_at: Callable[[int, int], int]) -> Image.Image:
+        """For a method that ``resizes_images``: the image the model should see instead of ``image``
+        at ``budget``; ``tokens_at(height, width)`` is the visual-token count the model's processor
+        gives an image of that size. The caller (prunebench run) encodes the returned image and runs
+        the engine with budget ``all``."""
+        raise NotImplementedError(f"method {self.name!r} does not resize images")
 
     # -- description -------------------------------------------------------------------------
     @classmethod
@@ -213,7 +229,8 @@ def _parse_options(cls: type[Method], text: str) -> dict[str, Any]:
 
 def check_stages(method: Method, stages: list[Stage], n_visual: int, num_layers: int) -> None:
     """A schedule the engine can run for one image of ``n_visual`` tokens: stage layers strictly
-    increasing and inside the decoder, each stage keeping 1..n tokens, never more than before."""
+    increasing and inside the decoder, each stage keeping 0..n tokens (0: the stage builds every
+    token the LLM sees, see Selection.merged), never more than before."""
     order = [-1 if s.layer is None else s.layer for s in stages]
     if order != sorted(set(order)) or (order and order[0] < -1):
         raise MethodError(f"method {method.name!r}: stage layers must be strictly increasing decoder layers, "
@@ -224,8 +241,8 @@ def check_stages(method: Method, stages: list[Stage], n_visual: int, num_layers:
             f"{num_layers} decoder layers (valid: 0..{num_layers - 1})"
         )
     counts = [n_visual] + [s.keep for s in stages]
-    if any(k < 1 for k in counts[1:]) or any(a < b for a, b in itertools.pairwise(counts)):
-        raise MethodError(f"method {method.name!r}: schedule {stages} for {n_visual} tokens must keep 1..{n_visual}, "
+    if any(k < 0 for k in counts[1:]) or any(a < b for a, b in itertools.pairwise(counts)):
+        raise MethodError(f"method {method.name!r}: schedule {stages} for {n_visual} tokens must keep 0..{n_visual}, "
                           "non-increasing")
 
 

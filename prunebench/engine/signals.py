@@ -68,6 +68,8 @@ class StageContext:
         sample_keys: SampleKeys,
         seed: int,
         state: dict,
+        input_ids: torch.Tensor | None = None,
+        tokenizer=None,
     ):
         self.stage = stage
         self.layer = stage.layer
@@ -82,6 +84,8 @@ class StageContext:
         self._image_embeds = image_embeds
         self._layer_inputs = layer_inputs
         self._cache = cache
+        self._input_ids = input_ids
+        self._tokenizer = tokenizer
 
     # -- shapes and bookkeeping -------------------------------------------------------------
     @property
@@ -152,6 +156,17 @@ class StageContext:
         text = self.layout.valid & ~self.layout.visual
         return [row.nonzero().flatten() for row in text]
 
+    def text_after_image(self) -> list[str]:
+        """Per sample, the prompt's text after its image (the instruction, and whatever the chat
+        template puts after it), decoded by the engine's tokenizer without special tokens."""
+        if self._tokenizer is None or self._input_ids is None:
+            raise MethodError("the prompt's text needs the engine's tokenizer: create PruningEngine(model, tokenizer)")
+        texts = []
+        for ids in self._input_ids:
+            image = (ids == self._adapter.image_token_id).nonzero()
+            texts.append(self._tokenizer.decode(ids[int(image.max()) + 1 :], skip_special_tokens=True))
+        return texts
+
     # -- vision signals ---------------------------------------------------------------------
     @property
     def vision_features(self) -> torch.Tensor:
@@ -165,6 +180,15 @@ class StageContext:
     def image_embeds(self) -> torch.Tensor:
         """``(B, N, D)`` projector output, all original patches."""
         return self._image_embeds
+
+    @property
+    def token_grid(self) -> list[tuple[int, int]]:
+        """Per sample, (rows, columns) of the image's visual tokens, which lie in row-major order
+        (LLaVA-1.5: 24 x 24; Qwen2-VL: the merged grid). Describes the tokens as encoded, before
+        any stage pruned them."""
+        if self._vision.grid is None:
+            raise SignalUnavailableError(f"the visual tokens form no single 2-D grid on this backbone: {self._vision.no_grid}")
+        return self._vision.grid
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The model's projector: vision features ``(B, M, d_v)`` -> LLM tokens ``(B, M, D)``

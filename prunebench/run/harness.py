@@ -38,7 +38,7 @@ DEFAULT_MODEL = "builtin:tiny-llava"
 # on the default model: every method, in-LLM stages moved early enough that its 4-layer decoder
 # meets K = 64, the learned selectors from the checkpoints shipped for it
 BUILTIN_METHODS = ("none,random,fastv,sparsevlm:layers=0/1/2,pyramiddrop:layers=0/1/2,dart,visionzip,divprune,"
-                   "autoselect,gumbel")
+                   "vispruner,cdpruner:text=llm,pool,autoselect,gumbel")
 # on any other model: every training-free method at its paper's settings (learned ones need ckpt=)
 TRAINING_FREE_METHODS = "none,random,fastv,sparsevlm,pyramiddrop,dart,visionzip,divprune"
 

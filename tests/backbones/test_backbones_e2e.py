@@ -169,3 +169,36 @@ def test_default_methods_leave_out_those_the_backbone_cannot_serve():
     kept = servable_methods(methods, engine, processor, "random:tiny-smolvlm", listed=False, note=notes.append)
     assert [m.spec() for m in kept] == ["none", "random", "fastv", "divprune:space=vision"]
     assert len(notes) == 1 and notes[0].startswith("skipped visionzip") and "no CLS token" in notes[0]
+
+
+def test_pool_resize_runs_the_model_on_the_shrunk_image(tmp_path, pope_file, contexts):
+    """pool:mode=resize through `prunebench run` on the tiny Qwen2-VL: each image is shrunk to at most
+    half its visual tokens before the processor; the record counts the tokens of the shrunk image per
+    layer and the original image's as `original`, and each answer is the model's own greedy answer on
+    the shrunk image."""
+    import datasets
+
+    from prunebench.engine.method import create_method
+    from prunebench.run.lmms_bridge import visual_tokens_at
+
+    assert main(run_args(tmp_path, pope_file, "random:tiny-qwen2-vl", "50%", methods="none,pool:mode=resize")) == 0
+    store = ResultStore(tmp_path)
+    rec = next(r for r in store.records() if r.key.method == "pool:mode=resize")
+    model, processor = load_model("random:tiny-qwen2-vl")
+    bridge = PrunedVLM(PruningEngine(model, processor.tokenizer), processor, None, Budget.all())
+    tokens_at, method = visual_tokens_at(processor), create_method("pool:mode=resize")
+    originals, shrunk, answers = [], [], []
+    for doc in datasets.Dataset.from_parquet(str(pope_file)):
+        image = doc["image"].convert("RGB")
+        small = method.resize_image(image, Budget.parse("50%"), tokens_at)
+        inputs = processor(images=[small], text=[bridge._prompt(contexts[doc["question"]])], return_tensors="pt")
+        originals.append(tokens_at(image.height, image.width))
+        shrunk.append(int((inputs["input_ids"] == model.config.image_token_id).sum()))
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert all(s <= Budget.parse("50%").resolve(n) for s, n in zip(shrunk, originals))
+    samples = store.samples(rec.key)
+    assert [s["visual_tokens"] for s in samples] == [[n] * 4 for n in shrunk]
+    assert rec.visual_tokens["original"] == pytest.approx(mean(originals))
+    assert [s["output"] for s in samples] == answers

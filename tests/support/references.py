@@ -277,26 +277,42 @@ def assert_batch_equals_each_alone(engine, processor, batch, method: str | Metho
 
 # -- every method on every backbone ----------------------------------------------------------------
 NO_FEATURES = "vision features are not available on this backbone"
+ENGINE_CANNOT_RESIZE = "the engine alone cannot resize"  # pool:mode=resize acts before the processor (prunebench run)
 NEXT_REFUSES = {  # LLaVA-NeXT: newline tokens have no vision feature; CLIP runs per crop
     "divprune:space=vision": NO_FEATURES,
     "visionzip": "not available on this backbone: LLaVA-NeXT",
+    "vispruner": "not available on this backbone: LLaVA-NeXT",
     "autoselect": NO_FEATURES,
     "gumbel": NO_FEATURES,
+    "pool": "no single 2-D grid on this backbone: LLaVA-NeXT",
+    "pool:mode=resize": ENGINE_CANNOT_RESIZE,
 }
-QWEN_REFUSES = {"visionzip": "no CLS token"}  # Qwen2-VL's vision tower has no CLS token
+QWEN_REFUSES = {  # Qwen2-VL's vision tower has no CLS token; built tokens carry no M-RoPE ids
+    "visionzip": "no CLS token",
+    "vispruner": "no CLS token",
+    "pool": "use pool:mode=resize",
+    "pool:mode=resize": ENGINE_CANNOT_RESIZE,
+}
+NO_GRID = "no single 2-D grid on this backbone"
 ONEVISION_REFUSES = {  # as NeXT: newline tokens and interpolated grid tokens have no vision feature
     "divprune:space=vision": NO_FEATURES,
     "visionzip": "not available on this backbone: LLaVA-OneVision",
+    "vispruner": "not available on this backbone: LLaVA-OneVision",
     "autoselect": NO_FEATURES,
     "gumbel": NO_FEATURES,
+    "pool": NO_GRID,
+    "pool:mode=resize": ENGINE_CANNOT_RESIZE,
 }
+TILED_REFUSES = {"pool": NO_GRID, "pool:mode=resize": ENGINE_CANNOT_RESIZE}  # tiles: one grid per tile, not per image
 REFUSES = {
     "llava-next": NEXT_REFUSES,
     "llava-onevision": ONEVISION_REFUSES,
-    "internvl3": {"visionzip": "InternVL's vision tower runs per tile"},  # a token is a 2x2 block of patches
-    "internvl3.5": {"visionzip": "InternVL's vision tower runs per tile"},
-    "smolvlm": {"visionzip": "no CLS token"},
-    "smolvlm2": {"visionzip": "no CLS token"},
+    "internvl3": {"visionzip": "InternVL's vision tower runs per tile", "vispruner": "InternVL's vision tower runs per tile",
+                  **TILED_REFUSES},  # a token is a 2x2 block of patches
+    "internvl3.5": {"visionzip": "InternVL's vision tower runs per tile",
+                    "vispruner": "InternVL's vision tower runs per tile", **TILED_REFUSES},
+    "smolvlm": {"visionzip": "no CLS token", "vispruner": "no CLS token", **TILED_REFUSES},
+    "smolvlm2": {"visionzip": "no CLS token", "vispruner": "no CLS token", **TILED_REFUSES},
 }
 MIXED_BATCH_REFUSES = {"sparsevlm": "recycling needs the same schedule"}  # v1.5 recycles per batch
 
@@ -314,7 +330,8 @@ def assert_every_method_runs_or_refuses(backbone, tmp_path, vision_width: int) -
     for kind in ("autoselect", "gumbel"):
         save_selector(tmp_path / kind, build_selector(kind, vision_width=vision_width, **({"n_tokens": 16} if kind == "gumbel" else {})))
     specs = ["none", "random", "divprune", "divprune:space=vision", "fastv", "pyramiddrop:layers=1/2/3", "dart",
-             "sparsevlm:layers=0/1/2", "sparsevlm:layers=0/1/2,version=2.0,heads=2", "visionzip",
+             "sparsevlm:layers=0/1/2", "sparsevlm:layers=0/1/2,version=2.0,heads=2", "visionzip", "vispruner",
+             "cdpruner:text=llm", "pool", "pool:mode=resize",
              f"autoselect:ckpt={tmp_path / 'autoselect'}", f"gumbel:ckpt={tmp_path / 'gumbel'}"]
     registered = {name for name in available_methods() if not name.startswith("test-")}
     assert registered <= {spec.partition(":")[0] for spec in specs}, "a registered method has no backbone check"

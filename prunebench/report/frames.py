@@ -23,6 +23,7 @@ from prunebench.results import Record
 from prunebench.tasks import GENERATED
 
 BASELINE = ("none", "all")  # (method, budget) of the unpruned reference run
+FLOOR = "floor"  # the budget of an in-LLM method's floor control (prunebench.budget)
 
 
 class ReportError(UserError, ValueError):
@@ -89,6 +90,8 @@ def budget_order(budget: str) -> tuple[int, float]:
         raise ReportError(f"record budget {budget!r}: {err}") from None
     if parsed.is_all:
         return (0, 0.0)
+    if parsed.floor:
+        return (3, 0.0)
     return (1, -parsed.tokens) if parsed.tokens is not None else (2, -parsed.fraction)
 
 
@@ -162,6 +165,17 @@ def display_factor(metric: str) -> float:
     return 100.0 if stats.metric_info(metric).fraction else 1.0
 
 
+def group_k(budget: str, n_original: float | None) -> float | None:
+    """The visual tokens a budget group stands for: K, or the fraction of the original count;
+    None for the unpruned and floor groups, and a fraction without an original count."""
+    parsed = Budget.parse(budget)
+    if parsed.is_all or parsed.floor:
+        return None
+    if parsed.tokens is not None:
+        return float(parsed.tokens)
+    return parsed.fraction * n_original if n_original else None
+
+
 def _tokens(rec: Record) -> float:
     """Visual tokens the LLM saw, layer-averaged when the engine counted them."""
     vt = rec.visual_tokens
@@ -183,6 +197,8 @@ def group_label(budget: str, n_original: float | None) -> str:
     parsed = Budget.parse(budget)
     if parsed.is_all:
         return f"Unpruned ({n_original:.0f} tokens)" if n_original else "Unpruned"
+    if parsed.floor:
+        return "Floor control (1 token after each in-LLM stage)"
     if parsed.tokens is not None:
         cut = f" (-{100 * (1 - parsed.tokens / n_original):.1f}%)" if n_original else ""
         return f"Retain {parsed.tokens} tokens{cut}"
@@ -223,10 +239,12 @@ def score_frame(records: Iterable[Record]) -> pd.DataFrame:
                 "baseline": base_score,
                 "retention": retention,
                 "tokens": _tokens(rec),
+                "tflops": float(rec.timing.get("tflops", math.nan)),
+                "stage": rec.stage,
                 "n": rec.n_samples,
             }
         )
-    columns = ["method", "budget", "task", "metric", "score", "baseline", "retention", "tokens", "n"]
+    columns = ["method", "budget", "task", "metric", "score", "baseline", "retention", "tokens", "tflops", "stage", "n"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -21,6 +21,7 @@ from rich.text import Text
 
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv", "html": "html"}  # format -> file suffix
 MISSING = {"latex": "--"}  # how a missing cell reads; "–" everywhere else
+LATEX_MARKS = {"†": r"$^\dagger$", "‡": r"$^\ddagger$", "§": r"$^\S$"}  # footnote marks in LaTeX
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Column:
         elif self.kind == "ratio":
             text += r"$\times$" if fmt == "latex" else "×"
         if mark:
-            text += r"$^\dagger$" if fmt == "latex" else mark
+            text += LATEX_MARKS.get(mark, mark) if fmt == "latex" else mark
         return text
 
 

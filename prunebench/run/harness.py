@@ -28,10 +28,25 @@ from prunebench.results import Record, RecordKey, ResultStore, cell_fields, cpu_
 
 # the trained tiny LLaVA shipped in prunebench/assets (README "Status" gives its accuracy)
 DEFAULT_MODEL = "builtin:tiny-llava"
-# on the default model: every method, in-LLM stages moved early enough that its 4-layer decoder
-# meets K = 64, the learned selectors from the checkpoints shipped for it
-BUILTIN_METHODS = ("none,random,fastv,sparsevlm:layers=0/1/2,pyramiddrop:layers=0/1/2,dart,visionzip,divprune,"
-                   "autoselect,gumbel")
+# on the default model: every method, and why it runs with these options (`prunebench list` shows them)
+BUILTIN_DEFAULTS = {
+    "none": "the unpruned baseline",
+    "random": "the chance level of selection at each budget",
+    "fastv": "the paper's layer 2: pruned after 2 of the 4 layers, so K = 64 costs ~320 layer-averaged tokens "
+             "(Tokens (eq.) and the floor row say what that measures)",
+    "sparsevlm:layers=0/1/2": "the paper's scoring layers 2/6/15 do not fit 4 layers; scoring at 0/1/2 prunes before "
+                              "1/2/3, each ranked by the question tokens; its published schedules are nominal",
+    "pyramiddrop:layers=1/2/3": "the paper's 8/16/24 of 32 at the same relative depth: every stage ranks hidden states "
+                                "a layer has mixed (a stage at layer 0 ranks raw input embeddings and falls below "
+                                "random); layer 0 sees all 576 tokens, so budgets under 145 are out of reach (-)",
+    "dart": "the paper's layer 2, as FastV",
+    "visionzip": "the paper's settings (pre-LLM)",
+    "divprune": "the paper's settings (pre-LLM)",
+    "autoselect": "the checkpoint shipped for this model and budget (trained at that K, dropping tokens as inference "
+                  "does)",
+    "gumbel": "the checkpoint shipped for this model",
+}
+BUILTIN_METHODS = ",".join(BUILTIN_DEFAULTS)
 # on any other model: every training-free method at its paper's settings (learned ones need ckpt=)
 TRAINING_FREE_METHODS = "none,random,fastv,sparsevlm,pyramiddrop,dart,visionzip,divprune"
 
@@ -67,6 +82,7 @@ class RunSettings:
     task_data: list[str] = field(default_factory=list)  # TASK=PATH items
     max_new_tokens: int | None = None
     force: bool = False
+    floor: bool = True  # add each in-LLM method's floor control (budget "floor")
     vision_cache_mb: int | None = None  # None: 0 on GPU, 2048 on CPU
     argv: list[str] = field(default_factory=list)  # the command line, recorded in provenance
 
@@ -82,22 +98,31 @@ class Cell:
         return f"{self.method.spec()} @ {self.budget} on {self.task}"
 
 
-def plan(methods: list[Method], budgets: list[Budget], tasks: list[str]) -> list[Cell]:
+def plan(methods: list[Method], budgets: list[Budget], tasks: list[str], floor: bool = False,
+         unreachable: dict[tuple[str, str], str] | None = None) -> list[Cell]:
     """Task by task (the run's cache keeps one task's images): its unpruned baseline, then each
-    pruning method at each budget."""
+    pruning method at each budget it can reach (``unreachable``: (spec, budget) -> why not), then
+    with ``floor`` each in-LLM method's floor control."""
     baseline = create_method("none")
+    unreachable = unreachable or {}
     cells = []
     for task in tasks:
         cells.append(Cell(baseline, Budget.all(), task))
         for method in methods:
             if method.stage != "none":
-                cells += [Cell(method, budget, task) for budget in budgets]
+                cells += [Cell(method, budget, task) for budget in budgets
+                          if (method.spec(), str(budget)) not in unreachable]
+        if floor:
+            cells += [Cell(method, Budget.floor_control(), task) for method in methods if method.stage == "llm"]
     return cells
 
 
 def check_schedules(methods: list[Method], budgets: list[Budget], n_visual: int, num_layers: int, model: str,
-                    varies: bool = False) -> None:
-    """Every (method, budget) must be schedulable on this model before any cell runs.
+                    varies: bool = False, floor: bool = False) -> dict[tuple[str, str], str]:
+    """Check every (method, budget) on this model before any cell runs; returns the pairs whose
+    budget the method's schedule cannot meet here ((spec, budget) -> the reason): they are not run,
+    and the report shows them as "–" with the reason. Refused: any other schedule error, a method
+    that meets none of the budgets, a budget no method meets, and a floor control that cannot run.
 
     ``varies``: the visual tokens depend on the image (LLaVA-NeXT, Qwen-VL) and ``n_visual`` is the
     most one image can give; a budget is checked against that image, so the layer checks hold for
@@ -105,14 +130,29 @@ def check_schedules(methods: list[Method], budgets: list[Budget], n_visual: int,
     fails when it is reached, naming the sample (prunebench.run.lmms_bridge); records already written stay.
     """
     tokens = f"up to {n_visual} visual tokens per image" if varies else f"{n_visual} visual tokens"
-    for method in methods:
-        for budget in budgets:
+
+    def context(method: Method, budget: Budget, err: Exception) -> str:
+        return f"{method.spec()} at budget {budget} on {model} ({tokens}, {num_layers} decoder layers): {err}"
+
+    failed: dict[tuple[int, str], BudgetError] = {}
+    for i, method in enumerate(methods):
+        for budget in [*budgets, *([Budget.floor_control()] if floor and method.stage == "llm" else [])]:
             try:
-                method.schedule(n_visual, budget, num_layers)
-            except (BudgetError, MethodError) as err:
-                raise type(err)(
-                    f"{method.spec()} at budget {budget} on {model} ({tokens}, {num_layers} decoder layers): {err}"
-                ) from None
+                method.stages(n_visual, budget, num_layers)
+            except MethodError as err:
+                raise MethodError(context(method, budget, err)) from None
+            except BudgetError as err:
+                if budget.floor:
+                    raise BudgetError(context(method, budget, err)) from None
+                failed[(i, str(budget))] = BudgetError(context(method, budget, err))
+    pruning = [i for i, m in enumerate(methods) if m.stage != "none"]
+    for i in pruning:
+        if budgets and all((i, str(b)) in failed for b in budgets):
+            raise failed[(i, str(budgets[0]))]
+    for budget in budgets:
+        if pruning and all((i, str(budget)) in failed for i in pruning):
+            raise failed[(pruning[0], str(budget))]
+    return {(methods[i].spec(), budget): str(err) for (i, budget), err in failed.items()}
 
 
 def _visual_token_bound(engine, processor) -> tuple[int, bool]:
@@ -161,13 +201,13 @@ def run(args: RunSettings) -> list[Record]:
     model, processor = load_model(args.model, device=device, dtype=dtype)
     engine = PruningEngine(model, processor.tokenizer)
     n_visual, varies = _visual_token_bound(engine, processor)
-    check_schedules(methods, budgets, n_visual, engine.adapter.num_layers, args.model, varies)
+    unreachable = check_schedules(methods, budgets, n_visual, engine.adapter.num_layers, args.model, varies, args.floor)
 
     # 3. tasks (needs lmms-eval's task index)
     taskspec.check_known(tasks)
     for task in tasks:
         taskspec.check_data_reachable(task, task_data.get(task))
-    cells = plan(methods, budgets, tasks)
+    cells = plan(methods, budgets, tasks, args.floor, unreachable)
     if args.vision_cache_mb is None:
         args.vision_cache_mb = 0 if device.startswith("cuda") else 2048
     provenance = _provenance(args, device, dtype)
@@ -180,6 +220,8 @@ def run(args: RunSettings) -> list[Record]:
         _check_stored_dtypes(store, keys, dtype)
     chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""
     console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, results in {store.root}")
+    if world.main:
+        finished += _record_unreachable(store, unreachable, methods, tasks, args, provenance, console)
     for cell, key in zip(cells, keys):
         cache.start_task(cell.task)
         action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
@@ -208,6 +250,25 @@ def run(args: RunSettings) -> list[Record]:
         print_summary(finished, store, Console())
     distributed.finish(world)
     return finished
+
+
+def _record_unreachable(store: ResultStore, unreachable: dict[tuple[str, str], str], methods: list[Method],
+                        tasks: list[str], args, provenance: dict, console) -> list[Record]:
+    """An "unreachable" record per task for each (method, budget) not run, with the reason, so
+    that the report shows the cell as "–" and says why."""
+    by_spec = {m.spec(): m for m in methods}
+    written = []
+    for (spec, budget), reason in unreachable.items():
+        console.print(f"[yellow]not run[/] {spec} @ {budget}: {reason}")
+        method = by_spec[spec]
+        for task in tasks:
+            record = Record(key=RecordKey(args.model, spec, budget, task, args.limit), kind="unreachable",
+                            method_options={f.name: getattr(method, f.name) for f in method.options()},
+                            stage=method.stage, position_policy=method.positions,
+                            provenance={**provenance, "reason": reason})
+            store.write(record)
+            written.append(record)
+    return written
 
 
 def _check_stored_dtypes(store: ResultStore, keys: list[RecordKey], dtype: str) -> None:
@@ -285,7 +346,7 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
         n_samples=len(samples),
         **cell_fields(cell.method, cell.budget, kept=mean(s.visual_tokens[-1] for s in stats),
                       equivalent=mean(mean(s.visual_tokens) for s in stats), original=mean(s.n_visual for s in stats)),
-        timing=_timing(stats),
+        timing=_timing(stats) | _prefill_tflops(engine, stats),
         # batches whose vision output (and its measured time) came from an earlier cell of the run
         provenance={**provenance, "lmms_eval_task": result_name, "vision_reused_batches": cache.hits - reused_before},
     )
@@ -330,6 +391,19 @@ def _timing(stats) -> dict[str, float]:
         "ttft": vision + pruner + prefill,
         "decode_per_token": mean(s.timing.get("decode", 0.0) / n for s, n in zip(stats, decode_steps)),
     }
+
+
+def _prefill_tflops(engine, stats) -> dict[str, float]:
+    """Mean per-sample LLM prefill TFLOPs at the tokens each layer saw (prunebench.profiling.flops),
+    as `prunebench profile` counts them; nothing for a decoder the FLOPs model does not cover."""
+    from prunebench.profiling.flops import DecoderGeometry, prefill_flops
+
+    try:
+        geometry = DecoderGeometry.from_config(engine.model.config)
+    except NotImplementedError:
+        return {}
+    flops = [prefill_flops(geometry, [[s.prompt_tokens - s.n_visual + v for v in s.visual_tokens]]) for s in stats]
+    return {"tflops": mean(flops) / 1e12}
 
 
 def _device(name: str, world: distributed.World) -> str:

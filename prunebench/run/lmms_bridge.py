@@ -84,6 +84,7 @@ class SampleStats:
     visual_tokens: list[int]  # entering each decoder layer
     new_tokens: int
     timing: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0  # the prompt's tokens, its visual ones before pruning included
 
 
 class PrunedVLM(lmms):
@@ -287,5 +288,7 @@ class PrunedVLM(lmms):
     def _record(self, inputs, timings: dict[str, float], visual_tokens: torch.Tensor, new_tokens: list[int], tasks, doc_ids) -> None:
         share = {k: v / len(doc_ids) for k, v in timings.items()}
         n_visual = (inputs["input_ids"] == self.engine.adapter.image_token_id).sum(-1).tolist()
+        prompt = inputs["attention_mask"].sum(-1).tolist()
         for b, (task, doc_id) in enumerate(zip(tasks, doc_ids)):
-            self.stats[(task, doc_id)] = SampleStats(n_visual[b], visual_tokens[b].tolist(), new_tokens[b], share)
+            self.stats[(task, doc_id)] = SampleStats(n_visual[b], visual_tokens[b].tolist(), new_tokens[b], share,
+                                                     prompt[b])

@@ -230,11 +230,23 @@ class AutoSelect(nn.Module):
             self.denoiser.zero_residual()  # starts as the identity: the projector sees its usual input
 
     def forward(
-        self, features: torch.Tensor, k: int, tau: float, generator: torch.Generator | None = None
+        self, features: torch.Tensor, k: int, tau: float, generator: torch.Generator | None = None, drop: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training path: ``(B, N, d_v)`` features -> (gated and denoised features, soft weights)."""
+        """Training path: ``(B, N, d_v)`` features -> (gated and denoised features, soft weights).
+
+        ``drop``: the path of inference instead: the hard top-K of the Gumbel-perturbed logits
+        alone goes on, neither noised nor denoised -> (``(B, K, d_v)`` kept features in their
+        original order, ``(B, K)`` their indices). The kept features enter unchanged (times a
+        straight-through factor that is exactly 1 forward) and carry the LapSum soft top-K's
+        gradient to the scorer; the caller drops the other tokens from the sequence."""
         x = features.float()
         scores = self.scorer(x)
+        if drop:
+            perturbed = scores + gumbel_noise(scores, generator)
+            keep = perturbed.detach().topk(k, dim=-1).indices.sort(-1).values
+            soft = lapsum_topk(perturbed, k, tau)
+            unit = (1.0 + (soft - soft.detach())).gather(1, keep)
+            return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1])) * unit[..., None], keep
         if self.config.gate == "gumbel_ste":
             perturbed = scores + gumbel_noise(scores, generator)
             soft = lapsum_topk(perturbed, k, tau)

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "profile": ("prunebench.commands.profile", "time vision / pruner / prefill / decode, TFLOPs, KV cache"),
     "report": ("prunebench.commands.report", "accuracy-retention and speed tables (md, latex, csv) and plots"),
     "train": ("prunebench.commands.train", "train a learned selector (autoselect, gumbel)"),
+    "draw-task": ("prunebench.commands.draw_task", "write a generated task's evaluation set drawn with another --seed"),
 }
 
 

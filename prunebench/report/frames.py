@@ -96,12 +96,18 @@ def budget_order(budget: str) -> tuple[int, float]:
 
 
 def cell_index(records: list[Record]) -> dict[tuple[str, str, str], Record]:
-    """(method, budget, task) -> record; two sample limits for one cell are ambiguous."""
+    """(method, budget, task) -> record; two sample limits or two task data files for one cell are ambiguous."""
     cells: dict[tuple[str, str, str], Record] = {}
     for rec in records:
         cell = (rec.key.method, rec.key.budget, rec.key.task)
         if cell in cells:
             limits = sorted({_limit_name(r.key.limit) for r in (cells[cell], rec)})
+            if len(limits) == 1:
+                raise ReportError(
+                    f"{rec.key.model}: {rec.key.task} / {rec.key.method} @ {rec.key.budget} has records on several "
+                    f"task data files ({', '.join(sorted(str(r.key.setting or 'the task own') for r in (cells[cell], rec)))}); "
+                    "report each from its own --results store"
+                )
             raise ReportError(
                 f"{rec.key.model}: {rec.key.task} / {rec.key.method} @ {rec.key.budget} has records for "
                 f"several sample limits ({', '.join(limits)}); choose one with --limit"

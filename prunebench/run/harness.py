@@ -215,13 +215,15 @@ def run(args: RunSettings) -> list[Record]:
     from prunebench.run.lmms_bridge import RunCache
 
     cache = RunCache(args.vision_cache_mb << 20)
-    keys = [RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit) for cell in cells]
+    settings = {task: taskspec.data_setting(task_data.get(task)) for task in tasks}
+    keys = [RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit, settings[cell.task])
+            for cell in cells]
     if not args.force:
         _check_stored_dtypes(store, keys, dtype)
     chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""
     console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, results in {store.root}")
     if world.main:
-        finished += _record_unreachable(store, unreachable, methods, tasks, args, provenance, console)
+        finished += _record_unreachable(store, unreachable, methods, settings, args, provenance, console)
     for cell, key in zip(cells, keys):
         cache.start_task(cell.task)
         action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
@@ -253,7 +255,7 @@ def run(args: RunSettings) -> list[Record]:
 
 
 def _record_unreachable(store: ResultStore, unreachable: dict[tuple[str, str], str], methods: list[Method],
-                        tasks: list[str], args, provenance: dict, console) -> list[Record]:
+                        settings: dict[str, str | None], args, provenance: dict, console) -> list[Record]:
     """An "unreachable" record per task for each (method, budget) not run, with the reason, so
     that the report shows the cell as "–" and says why."""
     by_spec = {m.spec(): m for m in methods}
@@ -261,8 +263,8 @@ def _record_unreachable(store: ResultStore, unreachable: dict[tuple[str, str], s
     for (spec, budget), reason in unreachable.items():
         console.print(f"[yellow]not run[/] {spec} @ {budget}: {reason}")
         method = by_spec[spec]
-        for task in tasks:
-            record = Record(key=RecordKey(args.model, spec, budget, task, args.limit), kind="unreachable",
+        for task, setting in settings.items():
+            record = Record(key=RecordKey(args.model, spec, budget, task, args.limit, setting), kind="unreachable",
                             method_options={f.name: getattr(method, f.name) for f in method.options()},
                             stage=method.stage, position_policy=method.positions,
                             provenance={**provenance, "reason": reason})

@@ -5,12 +5,15 @@ can be pointed at local data (``--task-data pope=/data/pope.parquet``): the task
 and metrics, only ``dataset_path`` changes. prunebench's own generated tasks (the built-in offline
 benchmark, tasks/synthetic.py) are an lmms-eval task plus a fixed evaluation set drawn in code:
 ``synth-gqa`` and ``synth-textvqa`` (our YAMLs in tasks/, GQA's and TextVQA's prompts, exact match)
-and ``synth-pope`` (lmms-eval's own ``pope`` on generated images).
+and ``synth-pope`` (lmms-eval's own ``pope`` on generated images). They take local data too, e.g. a
+set re-drawn with another seed by ``prunebench draw-task``. A cell run on local data is another
+record: the file's digest is part of its key (:func:`data_setting`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -122,6 +125,8 @@ def base_config(task: str) -> dict:
 
 def task_spec(name: str, data: str | None, cache_dir: Path) -> str | dict:
     """What to hand lmms-eval: a task name, or a dict overriding a task's dataset."""
+    if name in GENERATED and data is not None:
+        return _override(GENERATED[name].base, data, alias=name)
     if name in GENERATED:
         gen = GENERATED[name]
         path = cache_dir / f"{name}-{gen.size}-{gen.seed}.parquet"
@@ -148,6 +153,37 @@ def _override(task: str, path: str, alias: str | None = None) -> dict:
     if alias:
         spec["task_alias"] = alias
     return spec
+
+
+def data_setting(path: str | None) -> str | None:
+    """What a record key holds about a task's local data: the digest of the file, so that a cell
+    on other data is another record (None: the task's own data)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise TaskError(f"task data {path!r} does not exist")
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"data={digest.hexdigest()[:12]}"
+
+
+def draw_generated(name: str, seed: int, size: int, out: str | Path) -> Path:
+    """Write the generated task ``name`` drawn with another ``seed`` (``size`` samples) as a parquet
+    file that ``--task-data NAME=PATH`` runs; the evaluation stream stays disjoint from training."""
+    if name not in GENERATED:
+        raise TaskError(f"{name!r} is not a generated task; generated tasks: {', '.join(GENERATED)}")
+    if size <= 0:
+        raise TaskError(f"--size {size}: give a positive number of samples")
+    out = Path(out)
+    if out.suffix != ".parquet":
+        raise TaskError(f"--out {str(out)!r}: write a .parquet file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    GENERATED[name].generate(size, seed).to_parquet(str(tmp))
+    os.replace(tmp, out)
+    return out
 
 
 def parse_task_data(items: list[str]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""What pruning costs: ``python -m prunebench.benchmarks.method_overhead``.
+"""What pruning costs: ``python -m benchmarks.method_overhead``.
 
 1. Each method's pruner time (the engine's StageClock ``pruner`` stage) and the LLM prefill
    time, median over repeats, one image of N visual tokens, for each budget K.
@@ -346,7 +346,7 @@ def _header(args: argparse.Namespace, device: torch.device, n_visual: int, promp
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "# Method overhead\n\n"
-        f"`python -m prunebench.benchmarks.method_overhead {' '.join(sys.argv[1:])}`\n\n"
+        f"`python -m benchmarks.method_overhead {' '.join(sys.argv[1:])}`\n\n"
         f"Model {args.model} ({args.dtype}) on {device_name(device)}; batch 1, a prompt of {prompt_len} "
         f"tokens with N={n_visual} visual tokens; median of {args.repeats} runs after {args.warmup} warm-up; "
         f"torch {torch.__version__}, transformers {transformers.__version__}; {when}."
@@ -354,7 +354,7 @@ def _header(args: argparse.Namespace, device: torch.device, n_visual: int, promp
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m prunebench.benchmarks.method_overhead",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.method_overhead",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

@@ -1,6 +1,6 @@
 """Engine overhead: prefill with pre-LLM pruning vs. the model fed only K visual tokens ("ideal").
 
-    python -m prunebench.benchmarks.prefill_overhead [--model random:mid-llava] [--budgets 576,192,64]
+    python -m benchmarks.prefill_overhead [--model random:mid-llava] [--budgets 576,192,64]
 
 "pruned" is the engine's prefill stage (decoder layers, norm, lm_head on the last token) after
 `random` kept K of 576 tokens; the pruner's own time is reported beside it. "ideal" runs the
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         (f"Prefill on `{args.model}` ({n_visual} visual tokens, {engine.adapter.num_layers} decoder layers), "
          f"CPU, {args.threads} threads, median of {args.repeats} alternating passes after {args.warmup} warm-up."),
-        (f"Command: `python -m prunebench.benchmarks.prefill_overhead --model {args.model} --budgets {args.budgets} "
+        (f"Command: `python -m benchmarks.prefill_overhead --model {args.model} --budgets {args.budgets} "
          f"--repeats {args.repeats}`"),
         "",
         "| K | pruner ms | pruned prefill ms | ideal prefill ms | pruned / ideal |",

@@ -1,7 +1,7 @@
 """Do trained selectors keep the patches that hold the content? A proxy check on synthetic images.
 
-    python benchmarks/selector_probe.py --kind autoselect     # the shipped checkpoint of each K
-    python benchmarks/selector_probe.py --kind autoselect --ckpt DIR --model MODEL
+    python -m benchmarks.selector_probe --kind autoselect     # the shipped checkpoint of each K
+    python -m benchmarks.selector_probe --kind autoselect --ckpt DIR --model MODEL
 
 On images of the built-in world the trainer never saw (another seed), a patch is *foreground*
 when any of its pixels differs from the background. For each K the probe reports the recall of

@@ -35,29 +35,32 @@ else
   fi
 fi
 pip=("$py" -m pip install --disable-pip-version-check -q)
+probe=("$py" -W ignore::UserWarning -c)  # torch warns about a missing NumPy until the project's deps are in
 
-if "$py" -c "import torch" 2>/dev/null; then
-  echo "setup: keeping the installed torch $("$py" -c 'import torch; print(torch.__version__)')"
+if "${probe[@]}" "import torch" 2>/dev/null; then
+  echo "setup: keeping the installed torch $("${probe[@]}" 'import torch; print(torch.__version__)')"
 else
   echo "setup: installing torch==${PRUNEBENCH_TORCH:-2.13.0}"
-  "${pip[@]}" "torch==${PRUNEBENCH_TORCH:-2.13.0}"
+  "${pip[@]}" "torch==${PRUNEBENCH_TORCH:-2.13.0}" numpy
 fi
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
-"$py" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+"${probe[@]}" "import torch; print('torch==' + torch.__version__)" > "$constraints"
 
-if "$py" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then
+if "${probe[@]}" "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then
   echo "setup: CUDA torch: installing $with_eval as declared"
   "${pip[@]}" -c "$constraints" -e "$with_eval"
 else
-  echo "setup: CPU torch: installing $plain, then lmms-eval without torchvision"
+  echo "setup: CPU torch: installing $plain, then lmms-eval without torchvision and timm (torchvision's PyPI"
+  echo "       wheel is a CUDA build that breaks lmms-eval's evaluator on CPU torch; timm only pulls it back in)"
   "${pip[@]}" -c "$constraints" -e "$plain"
   "${pip[@]}" -c "$constraints" --no-deps "lmms-eval>=0.7.3,<0.8"
   "$py" scripts/lmms_eval_requirements.py > "$constraints.req"
-  "${pip[@]}" -c "$constraints" -r "$constraints.req"
+  # pip's resolver reports the two packages left out on purpose as a conflict: drop just that report
+  "${pip[@]}" -c "$constraints" -r "$constraints.req" 2> >(grep -v -E \
+    "^ERROR: pip's dependency resolver does not currently|^lmms-eval [^ ]+ requires (timm|torchvision)" >&2)
   rm -f "$constraints.req"
-  echo "setup: pip's note that lmms-eval lacks torchvision and timm is expected: they are left out on CPU torch"
 fi
 "$py" -c "from lmms_eval import evaluator" 2>/dev/null \
   || { echo "setup: lmms-eval does not import; see the error above" >&2; "$py" -c "from lmms_eval import evaluator"; }
-echo "setup: done ($("$py" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
+echo "setup: done ($("${probe[@]}" 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep each batch's processed inputs and vision-tower output for the task's later cells, "
                              "up to this many MB (default: 2048 on CPU, 0 on GPU, where the tower is a small share "
                              "of the time and the memory is the model's); 0 runs the tower in every cell")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show lmms-eval's output (otherwise in RESULTS/lmms-eval.log) and a line per finished cell")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,17 +9,17 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from prunebench.errors import ModelNotFoundError, UserError
-from prunebench.models import backbones
 from prunebench.models.tiny import BUILTIN_RANDOM, BUILTIN_SPEC, build_processor, build_tiny_llava, build_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
-# trained models shipped with prunebench (prunebench/builtin.py trains them)
+# trained models shipped with prunebench (prunebench/training/recipe.py trains them)
 BUILTIN_TRAINED = {"builtin:tiny-llava": ASSETS / "tiny-llava"}
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
     """(model, processor) for ``random:tiny-llava``, a hub id, or a local directory."""
     torch_dtype = _dtype(dtype)
+    from prunebench.models import backbones  # LLaVA-NeXT and Qwen-VL: their processors need newer transformers
 
     if backbones.handles(name):
         return backbones.load(name, device, torch_dtype)
@@ -50,7 +50,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
 
 
 def load_builtin(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A trained model shipped in prunebench/assets; its tokenizer and processor are built in code
+    """A trained model shipped in prunebench/models/assets; its tokenizer and processor are built in code
     (the same as at training time), so loading needs no files beyond the weights and config."""
     directory = BUILTIN_TRAINED[name]
     if not (directory / "model.safetensors").is_file():

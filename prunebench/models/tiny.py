@@ -139,7 +139,7 @@ MIDSIZE = TinyLlavaSpec(
     vision_width=256, vision_layers=4, vision_heads=4, text_width=1024, text_layers=8, text_heads=16,
     kv_heads=16, text_mlp=2816,
 )
-# The built-in trained model's geometry (prunebench/builtin.py trains it): LLaVA-1.5's 576 visual
+# The built-in trained model's geometry (prunebench/training/recipe.py trains it): LLaVA-1.5's 576 visual
 # tokens from 96-px images and 4-px patches; 3 CLIP layers so that the projector's input
 # (hidden_states[-2], as LLaVA-1.5) has two layers behind it; 4 decoder layers so FastV's default
 # K=2 fits.

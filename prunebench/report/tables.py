@@ -161,30 +161,60 @@ def _shown_labels(index: pd.MultiIndex) -> list[tuple[str, ...]]:
     return shown
 
 
-def rich_table(table: Table) -> RichTable:
-    """The table for the terminal: one section per budget group, best values in bold."""
+GROUP_LABEL = re.compile(r"^Retain (?P<k>\S+) tokens \((?P<cut>[^)]*)\)$|^Unpruned \((?P<n>\d+) tokens\)$")
+OPTIONS_LABEL = re.compile(r"^(?P<name>.+?) \((?P<options>.+)\)$")
+
+
+def _terminal_labels(index: pd.MultiIndex) -> tuple[list[tuple[str, ...]], list[str]]:
+    """Row labels short enough for an 80-column terminal: "Retain 192 tokens (-66.7%)" reads
+    "192", "Unpruned (576 tokens)" reads "all"; a method's options become a letter, spelled out in
+    the returned notes ("[a] layers=0/1/2")."""
+    letters: dict[str, str] = {}
+    shown = []
+    for labels in _shown_labels(index):
+        row = []
+        for j, label in enumerate(labels):
+            if j == 0 and (m := GROUP_LABEL.match(label)):
+                label = m["k"] if m["k"] else "all"
+            elif j == 0 and label.startswith("Floor control"):
+                label = "floor"
+            elif j > 0 and (m := OPTIONS_LABEL.match(label)):
+                letter = letters.setdefault(m["options"], "abcdefghijklmnopqrstuvwxyz"[len(letters) % 26])
+                label = f"{m['name']} [{letter}]"
+            row.append(label)
+        shown.append(tuple(row))
+    return shown, [f"[{letter}] {options}" for options, letter in letters.items()]
+
+
+def rich_table(table: Table) -> tuple[RichTable, list[str]]:
+    """The table for the terminal, and notes for its shortened labels: one section per budget
+    group, best values in bold."""
     cells = table.rendered("rich")
     out = RichTable(title=table.title)
     levels = list(table.frame.index.names)
     for name in levels:
-        out.add_column(str(name), style="bold" if name == levels[0] else None)
+        out.add_column("K" if name == "Budget" else str(name), style="bold" if name == levels[0] else None, no_wrap=True)
     for col in table.frame.columns:
         out.add_column(str(col), justify="left" if table.columns[col].kind == "text" else "right")
+    labels, notes = _terminal_labels(table.frame.index)
     previous = None
-    for i, (key, labels) in enumerate(zip(table.frame.index, _shown_labels(table.frame.index))):
+    for i, (key, shown) in enumerate(zip(table.frame.index, labels)):
         if previous is not None and key[0] != previous[0]:
             out.add_section()
-        row = [Text(label) for label in labels]
+        row = [Text(label) for label in shown]
         for j in range(len(table.frame.columns)):
             text = cells.iat[i, j]
             bold = table.bold is not None and bool(table.bold.iat[i, j]) and text is not None
             row.append(Text("–" if text is None else text, style="bold" if bold else ""))
         out.add_row(*row)
         previous = key
-    return out
+    return out, notes
 
 
 def print_table(table: Table, console: Console) -> None:
-    console.print(rich_table(table))
+    rendered, label_notes = rich_table(table)
+    console.print(rendered)
+    if label_notes:
+        console.print(Text(f"  options: {'; '.join(label_notes)}", style="dim"))
     for note in table.notes:
         console.print(Text(f"  note: {note}", style="dim"))

@@ -24,9 +24,10 @@ from prunebench.run import taskspec
 from prunebench.budget import Budget, BudgetError
 from prunebench.errors import UserError
 from prunebench.engine.method import Method, MethodError, create_method, parse_method_list
+from prunebench.run.console import LOG_NAME, RunProgress, lmms_eval_output
 from prunebench.results import Record, RecordKey, ResultStore, cell_fields, cpu_name, provenance
 
-# the trained tiny LLaVA shipped in prunebench/assets (README "Status" gives its accuracy)
+# the trained tiny LLaVA shipped in prunebench/models/assets (README "Status" gives its accuracy)
 DEFAULT_MODEL = "builtin:tiny-llava"
 # on the default model: every method, and why it runs with these options (`prunebench list` shows them)
 BUILTIN_DEFAULTS = {
@@ -84,6 +85,7 @@ class RunSettings:
     force: bool = False
     floor: bool = True  # add each in-LLM method's floor control (budget "floor")
     vision_cache_mb: int | None = None  # None: 0 on GPU, 2048 on CPU
+    verbose: bool = False  # lmms-eval's output on the terminal, a line per finished cell
     argv: list[str] = field(default_factory=list)  # the command line, recorded in provenance
 
 
@@ -168,11 +170,16 @@ def run(args: RunSettings) -> list[Record]:
     from rich.console import Console
 
     world = distributed.current()
-    console = Console(stderr=True, quiet=not world.main)
-    # our own progress bar replaces the datasets / lmms-eval tqdm bars
+    # the real stderr, bound now: lmms-eval's output is redirected to a log while cells run
+    console = Console(file=sys.stderr, quiet=not world.main)
+    # our own progress display replaces the datasets / lmms-eval / transformers bars
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("LOGURU_LEVEL", "WARNING")  # lmms-eval's task indexing logs at DEBUG
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" of a local model (downloads keep theirs)
     # 1. everything that can be checked without the model or lmms-eval
     methods = [create_method(spec) for spec in parse_method_list(args.methods or default_methods(args.model))]
     budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
@@ -221,31 +228,36 @@ def run(args: RunSettings) -> list[Record]:
     if not args.force:
         _check_stored_dtypes(store, keys, dtype)
     chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""
-    console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, results in {store.root}")
+    console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, "
+                  f"results in {store.root}" + ("" if args.verbose else f" (lmms-eval's log: {store.root / LOG_NAME})"))
     if world.main:
         finished += _record_unreachable(store, unreachable, methods, settings, args, provenance, console)
-    for cell, key in zip(cells, keys):
-        cache.start_task(cell.task)
-        action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
-        if action == "cached":
-            console.print(f"[dim]cached[/]  {cell.label}")
-            finished.append(store.load(key))
-            continue
-        if action == "busy":
-            console.print(f"[yellow]skipped[/] {cell.label}: another run is computing it")
-            continue
-        try:
-            spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
-            record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, console, world,
-                                            cache)
+    with RunProgress(console, len(cells), args.verbose) as progress:
+        for cell, key in zip(cells, keys):
+            cache.start_task(cell.task)
+            progress.start_cell(cell.label)
+            action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
+            if action == "cached":
+                finished.append(store.load(key))
+                progress.finish_cell(cell.label, "cached")
+                continue
+            if action == "busy":
+                progress.notice(f"[yellow]skipped[/] {cell.label}: another run is computing it")
+                progress.finish_cell(cell.label, "skipped")
+                continue
+            try:
+                spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
+                with lmms_eval_output(store.root, args.verbose):
+                    record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, progress,
+                                                    world, cache)
+                if world.main:
+                    store.write(record, samples)
+            finally:
+                if world.main:
+                    store.release(key)
             if world.main:
-                store.write(record, samples)
-        finally:
-            if world.main:
-                store.release(key)
-        if world.main:
-            finished.append(record)
-            console.print(f"[green]done[/]    {cell.label}: {record.primary_metric} = {record.score:.4g}")
+                finished.append(record)
+                progress.finish_cell(cell.label, f"{record.primary_metric} = {record.score:.4g}")
     if world.main and finished:
         from prunebench.report.build import print_summary
 
@@ -290,46 +302,36 @@ def _decide(store: ResultStore, key: RecordKey, force: bool) -> str:
     return "run" if store.claim(key) else "busy"
 
 
-def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict, console,
-                  world: distributed.World, cache=None):
+def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict,
+                  progress: RunProgress | None, world: distributed.World, cache=None):
     """Run one cell through lmms-eval; returns its record and per-sample rows (None off rank 0)."""
     from lmms_eval import evaluator
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     from prunebench.run.lmms_bridge import PrunedVLM, RunCache
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        bar = progress.add_task(cell.label, total=args.limit)
-        cache = cache or RunCache()
-        reused_before = cache.hits
-        lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       on_progress=lambda n: progress.advance(bar, n),
-                       on_requests=lambda n: progress.update(bar, total=n), cache=cache)
-        torch.manual_seed(args.seed)
-        # lmms-eval's "Postprocessing" bar passes disable= itself, so TQDM_DISABLE cannot hide it
-        show_bar = evaluator.tqdm
-        evaluator.tqdm = lambda *a, **kw: show_bar(*a, **{**kw, "disable": True})
-        try:
-            out = evaluator.simple_evaluate(
-                model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
-                verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                fewshot_random_seed=args.seed, bootstrap_iters=0,
-                # score answers on docs without their images, as lmms-eval's own CLI does by default
-                # (decoding every image again cost ~0.6 s a cell on the built-in tasks)
-                cli_args=argparse.Namespace(process_with_media=False),
-                # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
-                distributed_executor_backend="torchrun",
-            )
-        finally:
-            evaluator.tqdm = show_bar
+    cache = cache or RunCache()
+    reused_before = cache.hits
+    lm = PrunedVLM(engine, processor, None if cell.method.stage == "none" else cell.method, cell.budget,
+                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                   on_progress=progress.advance_samples if progress else None,
+                   on_requests=progress.set_samples if progress else None, cache=cache)
+    torch.manual_seed(args.seed)
+    # lmms-eval's "Postprocessing" bar passes disable= itself, so TQDM_DISABLE cannot hide it
+    show_bar = evaluator.tqdm
+    evaluator.tqdm = lambda *a, **kw: show_bar(*a, **{**kw, "disable": True})
+    try:
+        out = evaluator.simple_evaluate(
+            model=lm, tasks=[spec], limit=args.limit, log_samples=True, task_manager=taskspec.manager_for([cell.task]),
+            verbosity="ERROR", random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed, bootstrap_iters=0,
+            # score answers on docs without their images, as lmms-eval's own CLI does by default
+            # (decoding every image again cost ~0.6 s a cell on the built-in tasks)
+            cli_args=argparse.Namespace(process_with_media=False),
+            # plain torch.distributed collectives: lmms-eval's accelerate path fails to gather 0-d counts
+            distributed_executor_backend="torchrun",
+        )
+    finally:
+        evaluator.tqdm = show_bar
     all_stats = {k: v for part in distributed.gather(lm.stats, world) for k, v in part.items()}
     if not world.main:
         return None, None

@@ -1,6 +1,6 @@
 """The built-in tiny LLaVA (``builtin:tiny-llava``): the recipe that trains it from scratch.
 
-    prunebench train tiny-llava --out prunebench/assets/tiny-llava
+    prunebench train tiny-llava --out prunebench/models/assets/tiny-llava
 
 The model is LLaVA-1.5's architecture at toy width (models.BUILTIN_SPEC): a CLIP tower on 96-px
 images with 4-px patches (576 visual tokens, LLaVA-1.5's count), an MLP projector and a Llama
@@ -37,15 +37,9 @@ are other streams). Joint next-token training from scratch stays at chance on th
    re-indexed 0, 1, 2, ... for the other half, as pre-LLM pruning feeds them), then more, until the
    full unpruned input for the second half of training.
 
-``RECIPES["mix"]`` is the recipe shipped in sessions 8-16 (no position phases, no marks, no
-neighbour heads): it reads text as well but answers left/right-of by its prior.
-
-Status: the shipped model (prunebench/assets/tiny-llava) is the default recipe's run (via
-``--handover`` / ``--from-handover``). Unpruned on the 500 evaluation questions: synth-gqa 96.4 %,
-synth-pope 99.8 (F1), synth-textvqa 96.4 %; reruns of the one command: 97.0 / 100.0 / 91.8 (77.6
-min on a slow 2-core host), 92.4 / 100.0 / 95.6 (63.2 min on the same host, session 18's faster
-steps) and 92.8 / 100.0 / 97.0 (29.0 min on a 2-core host ~2x faster per step, session 21)
-(reports/builtin/tiny-llava-training.md).
+``RECIPES["mix"]`` is an earlier recipe (no position phases, no marks, no neighbour heads): it
+reads text as well but answers left/right-of by its prior. The shipped model's scores, training
+times and the experiments behind each choice: reports/builtin/tiny-llava-training.md.
 
 Every step logs; probe accuracy per question kind (single-question prompts, exactly the
 evaluation format, from a held-out stream) is logged every ``eval_every`` steps and saved with the
@@ -95,7 +89,7 @@ class Recipe:
     vision_lr: float = 3e-3
     # reader phase 1: existence questions only. The mixed reader never learns them (it answers a
     # constant) while an existence-only phase does, and unlocks colour -> shape retrieval too
-    # (reports/builtin/tiny-llava-training.md, session 6)
+    # (reports/builtin/tiny-llava-training.md)
     existence_steps: int = 1000
     reader_steps: int = 1000  # then the mix: see Trainer.train_reader (its loss is flat after ~1500)
     # then the position curriculum (one question per sequence): side of the image, then side and
@@ -107,15 +101,15 @@ class Recipe:
     projector_lr: float = 3e-3
     # loss weight of a printed character's patch in projector alignment (background 1, shapes 5): the
     # decoder reads strings from these few tokens, and a reader trained after the position phases
-    # reads them only when they are close to their targets (training report, session 14)
+    # reads them only when they are close to their targets (training report)
     projector_text_weight: float = 25.0
     # mark the first character of a printed string: a vision head learns it, and its ideal token
     # carries a fixed code for it. Two digits sit in adjacent columns, whose column codes barely
-    # differ, and without the mark numbers are read with their digits swapped (training report, session 15)
+    # differ, and without the mark numbers are read with their digits swapped (training report)
     string_start: bool = True
     # start two heads of the tower's first layer attending to the patch left / right of each patch.
     # Learnt from scratch, the tower never tells left from right: it places a word's letters by
-    # their identity, but a 2-digit number's first digit it finds at chance (session 16)
+    # their identity, but a 2-digit number's first digit it finds at chance (training report)
     neighbour_heads: bool = True
     language_data: str = "quota"  # the language stage's conversations: "mix" (training_example) or "quota"
     # quota conversations of the language stage: questions drawn per image of each of world.QUOTA_KINDS
@@ -145,7 +139,7 @@ class Recipe:
             raise ValueError(f"language_quotas {self.language_quotas}: one count >= 0 per kind of {world.QUOTA_KINDS}")
 
 
-# the recipe the shipped model was trained with (session 17), and the one shipped in sessions 8-16
+# the recipe the shipped model was trained with, and an earlier one
 # ("mix"): no position phases and no string-start mark, so left/right-of stays at its prior
 # ("left", GQA 85.8 %); text 97.6 %, POPE F1 100.0 (training report)
 RECIPES = {
@@ -221,7 +215,7 @@ class VisionHeads(nn.Module):
 def _neighbour_chars(char: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:
     """``(B, 576)`` character labels -> the characters left and right of each character patch (0:
     none), -1 on other patches. Reading a string needs its neighbours; these targets make the tower
-    attend to them (string read-out 0.28 -> 0.52 at 350 steps, training report, session 7)."""
+    attend to them (string read-out 0.28 -> 0.52 at 350 steps, training report)."""
     chars = char.view(-1, grid, grid)
     off = char == 0
     left = F.pad(chars, (1, 0))[:, :, :-1].flatten(1).masked_fill(off, -1)
@@ -392,7 +386,7 @@ class Trainer:
 
         A printed string enters as its characters, one per visual token in reading order, and the
         decoder composes them: the tower reads a character at 1.00 but a whole string at ~0.5, so
-        a string's own word reached the decoder only half the time (training report, session 8)."""
+        a string's own word reached the decoder only half the time (training report)."""
         tokens = self.tokenizer.convert_tokens_to_ids
         vocab = embeddings.shape[0]  # index ``vocab``: no word
         table = {

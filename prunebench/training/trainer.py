@@ -1,5 +1,5 @@
 """`prunebench train autoselect|gumbel`: train a learned token selector on a frozen VLM.
-(`prunebench train tiny-llava` trains the built-in model instead: prunebench/builtin.py.)
+(`prunebench train tiny-llava` trains the built-in model instead: prunebench/training/recipe.py.)
 
     prunebench train autoselect --model llava-hf/llava-1.5-7b-hf --data captions.jsonl --out sel/
     accelerate launch --num_processes 8 -m prunebench train autoselect ...   # DDP over 8 GPUs
@@ -612,4 +612,4 @@ def _seed(*parts: int) -> int:
 # command line
 
 
-# the built-in model's training stages, in order (prunebench/builtin.py), each with a --<stage>-steps flag
+# the built-in model's training stages, in order (prunebench/training/recipe.py), each with a --<stage>-steps flag

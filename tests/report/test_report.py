@@ -487,7 +487,8 @@ def test_cli_writes_every_format(tiny, tmp_path, capsys):
         f"{t}.{s}" for t in ("accuracy", "stats", "categories", "speed") for s in ("md", "tex", "csv", "html")
     )
     assert "**tiny-llava: accuracy and retention**" in (folder / "accuracy.md").read_text()
-    assert "Retain 64 tokens" in capsys.readouterr().out
+    shown = capsys.readouterr().out  # the console table: budgets as K, options as letters in a note
+    assert "│ 64  │" in shown and "Retain 64 tokens" not in shown
 
 
 def test_cli_prints_formats_without_out(tiny, capsys):
@@ -542,3 +543,20 @@ def test_ambiguous_or_broken_records(tmp_path):
                 _record("b", "none", "all", "gqa", metrics={"exact_match": 0.5}),
             ]
         )
+
+
+def test_terminal_labels_fit_80_columns():
+    """The console table shows budgets as K and a method's options as a letter explained in a note."""
+    import pandas as pd
+
+    from prunebench.report.tables import _terminal_labels
+
+    index = pd.MultiIndex.from_tuples([
+        ("Unpruned (576 tokens)", "Vanilla"),
+        ("Retain 64 tokens (-88.9%)", "FastV (layer=3)"),
+        ("Retain 64 tokens (-88.9%)", "PyramidDrop (layers=1/2/3)"),
+        ("Retain 25% tokens (-75.0%)", "FastV (layer=3)"),
+    ])
+    labels, notes = _terminal_labels(index)
+    assert labels == [("all", "Vanilla"), ("64", "FastV [a]"), ("", "PyramidDrop [b]"), ("25%", "FastV [a]")]
+    assert notes == ["[a] layer=3", "[b] layers=1/2/3"]

@@ -18,7 +18,7 @@ import numpy as np
 from prunebench.results import Record, RecordKey, ResultStore
 
 TINY_MODEL = "tiny-llava"
-EXAMPLE_MODEL = "llava-hf/llava-1.5-7b-hf"
+EXAMPLE_MODEL = "FIXTURE — not results (llava-1.5-7b layout)"  # in every title and plot of reports/example
 FIXTURE_DEVICE = "fixture (synthetic numbers)"
 
 # -- tiny store -------------------------------------------------------------------------------

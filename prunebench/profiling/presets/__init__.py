@@ -10,8 +10,8 @@ timings; they give no meaningful answers.
     qwen2-vl-7b    Qwen/Qwen2-VL-7B-Instruct          dynamic resolution, M-RoPE, Qwen2-7B
     qwen2.5-vl-7b  Qwen/Qwen2.5-VL-7B-Instruct        the same with a windowed vision tower
 
-The engine and ``prunebench profile`` run all four (prunebench/adapters.py; the profiler's
-synthetic anyres / dynamic-resolution inputs and the FLOPs model in prunebench/flops.py).
+The engine and ``prunebench profile`` run all four (prunebench/engine/adapters.py; the profiler's
+synthetic anyres / dynamic-resolution inputs and the FLOPs model in prunebench/profiling/flops.py).
 """
 
 from __future__ import annotations
@@ -93,6 +93,6 @@ def check_engine_support(name: str) -> None:
         preset = resolve_preset(name)
         raise NotImplementedError(
             f"preset {preset!r} ({type(model).__name__}) cannot be profiled: {err}. Its config ships in "
-            f"prunebench/profiling/presets/{preset}.json; profiling it needs an adapter (prunebench/adapters.py) and a "
-            "FLOPs model (prunebench/flops.py) for its architecture."
+            f"prunebench/profiling/presets/{preset}.json; profiling it needs an adapter (prunebench/engine/adapters.py) and a "
+            "FLOPs model (prunebench/profiling/flops.py) for its architecture."
         ) from None

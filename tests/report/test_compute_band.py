@@ -104,3 +104,18 @@ def test_without_flops_or_floor_records_those_columns_are_left_out():
     t = accuracy_table(plain)
     assert list(t.frame.columns) == ["GQA", "Avg.", "Tokens (eq.)"]
     assert not any(math.isnan(v) for v in t.frame["Tokens (eq.)"].iloc[:7])
+
+
+def test_console_splits_a_wide_table_rather_than_cut_numbers(table):
+    import io
+
+    from rich.console import Console
+
+    from prunebench.report.tables import print_table
+
+    console = Console(width=50, file=io.StringIO(), record=True)  # too narrow for the whole table
+    print_table(table, console)
+    text = console.export_text()
+    assert text.count("m: accuracy and retention") >= 2 and "(continued)" in text
+    assert "320.0‡" in text and "95.0%§" in text and "…" not in text
+    assert all(len(line) <= 50 for line in text.splitlines() if "│" in line)

@@ -5,8 +5,10 @@
 An oracle that sees the pixels keeps every *foreground* patch (one whose pixels differ from the
 background's, as benchmarks/selector_probe.py counts them) and fills the rest of K with background
 patches chosen by ``background``: ``random`` (seeded per sample), ``ring`` (the image's outer
-ring of patches first, as the AutoSelect scorer trained with sampled K picks them), or ``spread``
-(farthest-point sampling over the grid, so the kept background covers the image evenly). It runs
+ring of patches first, as the AutoSelect scorer trained with sampled K picks them), ``spread``
+(farthest-point sampling over the grid, so the kept background covers the image evenly) or
+``adjacent`` (the left and right neighbours of content patches first, then random: the built-in
+vision tower writes each patch's neighbours into its features). It runs
 through `prunebench run` (lmms-eval, the tasks' own metrics) as the method ``oracle-content``,
 registered by this script only: it reads the image's patch embeddings, which no real method sees.
 The rows say what selecting the content alone is worth, and whether the background a selector
@@ -62,7 +64,7 @@ class ContentOracle(Method):
 
     name: ClassVar[str] = "oracle-content"
     stage: ClassVar[str] = "pre"
-    background: Literal["random", "ring", "spread"] = "random"
+    background: Literal["random", "ring", "spread", "adjacent"] = "random"
     seed: int = 0
 
     def select(self, ctx: StageContext) -> Selection:
@@ -80,6 +82,13 @@ class ContentOracle(Method):
             order = rest[torch.randperm(len(rest), generator=ctx.generator(b)).to(rest.device)]
             if self.background == "ring":
                 order = torch.cat([order[ring.flatten()[order]], order[~ring.flatten()[order]]])
+            if self.background == "adjacent":
+                grid = content[b].view(side, side)
+                beside = torch.zeros_like(grid)
+                beside[:, 1:] |= grid[:, :-1]
+                beside[:, :-1] |= grid[:, 1:]
+                near = beside.flatten()[order]
+                order = torch.cat([order[near], order[~near]])
             if self.background == "spread":
                 order = farthest_points(rest, fg, side, min(k - len(fg), len(rest)))
             keep.append(torch.cat([fg, order[: k - len(fg)]]).to(ctx.hidden.device))
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="64")
     parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--backgrounds", default="random,ring,spread")
+    parser.add_argument("--backgrounds", default="random,ring,spread,adjacent")
     parser.add_argument("--results", default="results")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(argv)

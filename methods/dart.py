@@ -67,6 +67,10 @@ class DART(Method):
             raise BudgetError(f"{self.pivot_image} image pivots exceed the {n_visual} visual tokens")
         return [Stage(self.layer, keep)]
 
+    def floor_schedule(self, n_visual: int, num_layers: int) -> list[Stage]:
+        """The floor control is DART at K = 1: its image pivots alone (K // 8 = 0 picks per pivot)."""
+        return self.schedule(n_visual, Budget(tokens=1), num_layers)
+
     def select(self, ctx: StageContext) -> Selection:
         device = ctx.hidden.device
         if ctx.keep == ctx.n_visual:

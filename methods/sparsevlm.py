@@ -119,6 +119,12 @@ class SparseVLM(Method):
             counts = layer_averaged_counts(n_visual, budget.resolve(n_visual), self.stage_layers, num_layers)
         return [Stage(PRE_LLM, n_visual), *(Stage(layer, keep) for layer, keep in zip(self.stage_layers, counts))]
 
+    def floor_schedule(self, n_visual: int, num_layers: int) -> list[Stage]:
+        """The floor control: the raters' pre-LLM stage, then one token after each stage (the
+        engine adds no recycled tokens under the floor budget)."""
+        stages = self.schedule(n_visual, Budget.all(), num_layers)  # checks the layers against the model
+        return [Stage(PRE_LLM, n_visual), *(Stage(stage.layer, 1) for stage in stages)]
+
     def select(self, ctx: StageContext) -> Selection:
         everything = [torch.arange(n, device=ctx.hidden.device) for n in ctx.n_visual]
         if ctx.layer is None:

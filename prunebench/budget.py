@@ -2,7 +2,9 @@
 
 ``"64"`` keeps 64 tokens; ``"0.25"`` or ``"25%"`` keeps a quarter of each image's visual tokens
 (the form Qwen2-VL papers use, since their token count varies per image). ``"all"`` keeps every
-token: the unpruned reference.
+token: the unpruned reference. ``"floor"`` is the floor control of an in-LLM method: one visual token
+survives each of its stages (the layers before its first stage still see every token), so its
+score is what the unpruned layers alone carry (``Method.floor_schedule``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ class BudgetError(UserError, ValueError):
 class Budget:
     tokens: int | None = None  # absolute K
     fraction: float | None = None  # kept fraction in (0, 1]
+    floor: bool = False  # the floor control: K = 1 after each in-LLM stage
 
     def __post_init__(self) -> None:
+        if self.floor and (self.tokens, self.fraction) != (1, None):
+            raise BudgetError("the floor budget keeps one token: Budget.floor_control()")
         if self.is_all and self.fraction is None:
             return
         if (self.tokens is None) == (self.fraction is None):
@@ -42,6 +47,10 @@ class Budget:
         return cls(tokens=-1)
 
     @classmethod
+    def floor_control(cls) -> Budget:
+        return cls(tokens=1, floor=True)
+
+    @classmethod
     def parse(cls, text: str | float | Budget) -> Budget:
         if isinstance(text, Budget):
             return text
@@ -52,6 +61,8 @@ class Budget:
         raw = str(text).strip().lower()
         if raw in ("all", "full"):
             return cls.all()
+        if raw == "floor":
+            return cls.floor_control()
         try:
             if raw.endswith("%"):
                 return cls(fraction=float(raw[:-1]) / 100.0)
@@ -63,7 +74,7 @@ class Budget:
                 raise
             raise BudgetError(
                 f"cannot read budget {text!r}: give a token count (64), a kept fraction (0.25 or 25%), "
-                "or 'all'"
+                "'all', or 'floor' (in-LLM methods: one token after each stage)"
             ) from None
 
     def resolve(self, n_visual: int) -> int:
@@ -82,6 +93,8 @@ class Budget:
     def __str__(self) -> str:
         if self.is_all:
             return "all"
+        if self.floor:
+            return "floor"
         if self.tokens is not None:
             return str(self.tokens)
         return f"{self.fraction * 100:g}%"

@@ -17,6 +17,7 @@ pid) or whose heartbeat has stopped is taken over.
 from __future__ import annotations
 
 import hashlib
+import datetime
 import importlib.metadata
 import json
 import os
@@ -423,7 +424,7 @@ def provenance(*, device: str, dtype: str, command: str, **extra: Any) -> dict[s
         "dtype": dtype,
         "command": command,
         "host": socket.gethostname(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="microseconds"),  # orders records
         **extra,
     }
 

@@ -29,6 +29,18 @@ def method_table() -> Table:
     return table
 
 
+def builtin_defaults_table() -> Table:
+    """What `prunebench run` runs on the built-in model without --methods, and why each setting."""
+    from prunebench.run.harness import BUILTIN_DEFAULTS, DEFAULT_MODEL
+
+    table = Table(title=f"default methods on {DEFAULT_MODEL} (4 decoder layers) and why")
+    table.add_column("method", style="bold")
+    table.add_column("why this setting")
+    for spec, reason in BUILTIN_DEFAULTS.items():
+        table.add_row(spec, reason)
+    return table
+
+
 def model_table() -> Table:
     table = Table(title="models")
     table.add_column("name", style="bold")
@@ -68,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
     console = Console()
     if args.what in ("methods", "all"):
         console.print(method_table())
+        console.print(builtin_defaults_table())
     if args.what in ("models", "all"):
         console.print(model_table())
     if args.what in ("tasks", "all"):

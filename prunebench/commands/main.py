@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "report": ("prunebench.commands.report", "accuracy-retention and speed tables (md, latex, csv) and plots"),
     "train": ("prunebench.commands.train", "train a learned selector (autoselect, gumbel)"),
     "reproduce": ("prunebench.commands.reproduce", "run a paper's protocol and compare with its published numbers"),
+    "draw-task": ("prunebench.commands.draw_task", "write a generated task's evaluation set drawn with another --seed"),
 }
 
 

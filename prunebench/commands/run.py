@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run TASK on a local parquet/json/csv file, keeping its prompts and metrics")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap every task's answer length (smoke runs)")
     parser.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="add each in-LLM method's floor control: budget 'floor', one visual token after each of "
+                             "its stages, so the score is what its unpruned layers carry (default on)")
     parser.add_argument("--vision-cache-mb", type=int, default=None,
                         help="keep each batch's processed inputs and vision-tower output for the task's later cells, "
                              "up to this many MB (default: 2048 on CPU, 0 on GPU, where the tower is a small share "

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-norm", choices=GATE_NORMS, default="channel",
                         help="vp gate: standardise feature channels before the noise (default channel)")
     parser.add_argument("--denoiser", choices=DENOISERS, default="diagonal", help="autoselect denoiser (default diagonal)")
+    parser.add_argument("--drop", type=float, default=0.0, metavar="SHARE",
+                        help="autoselect: share of steps that drop the unselected tokens from the sequence and re-index "
+                             "positions, as inference does (default 0: every step gates all N positions)")
     parser.add_argument("--depth", type=int, default=None, help="blocks (default 2 autoselect scorer, 3 gumbel)")
     parser.add_argument("--width", type=int, default=None, help="autoselect scorer width (default the vision width)")
     parser.add_argument("--heads", type=int, default=None, help="attention heads (default width/64, at most 16)")
@@ -84,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
         raise OptionError(f"--columns {args.columns!r}: write ROLE=COLUMN,...") from None
     options = {name: getattr(args, name) for name in (
         "model", "data", "split", "budget", "steps", "lr", "weight_decay", "batch_size", "grad_accum", "tau_start",
-        "tau_end", "tau_steps", "gate", "gate_norm", "denoiser", "depth", "width", "heads", "dtype", "out", "resume",
+        "tau_end", "tau_steps", "gate", "gate_norm", "denoiser", "drop", "depth", "width", "heads", "dtype", "out", "resume",
         "save_every", "log_every", "num_workers", "gradient_checkpointing", "seed")}
     train(TrainConfig(selector=args.selector, columns=columns, **options))
     return 0

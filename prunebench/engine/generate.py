@@ -261,7 +261,8 @@ class PruningEngine:
             at = PRE_LLM if index < 0 else index
             if pending and pending[0][0].layer == at:
                 with clock("pruner"):
-                    layout, hidden = self._run_stage(run, pending.pop(0), method, images, layout, hidden, index)
+                    layout, hidden = self._run_stage(run, pending.pop(0), method, images, layout, hidden, index,
+                                                     keep_built=not budget.floor)
                 run.group = None  # the layers after a stage see another sequence: a new group
             if index < 0:
                 continue
@@ -284,9 +285,11 @@ class PruningEngine:
         return hidden
 
     def _run_stage(self, run: _PrefillRun, stage_rows: list[Stage], method: Method, images: EncodedImages,
-                   layout: TokenLayout, hidden: torch.Tensor, index: int) -> tuple[TokenLayout, torch.Tensor]:
+                   layout: TokenLayout, hidden: torch.Tensor, index: int,
+                   keep_built: bool = True) -> tuple[TokenLayout, torch.Tensor]:
         """One pruning stage: the method selects from the signals it asks for; the layout keeps
-        (or merges) the selected visual tokens of every sample."""
+        (or merges) the selected visual tokens of every sample. ``keep_built=False`` (the floor
+        control) drops the tokens a method builds, so exactly its kept ones go on."""
         ctx = StageContext(
             stage=stage_rows[0],
             keep=[s.keep for s in stage_rows],
@@ -308,6 +311,8 @@ class PruningEngine:
         built = sum(t.shape[1] for t in (selection.leading, selection.merged) if t is not None)
         if built == 0 and min(len(row) for row in keep) == 0:  # a stage may keep 0 tokens only if it builds some
             raise MethodError(f"method {method.name!r} left a sample with no visual token (kept 0, built none)")
+        if not keep_built:
+            return layout.prune(hidden, keep, None, method.positions)
         return layout.prune(hidden, keep, selection.merged, method.positions, selection.leading)
 
     def _open_group(self, run: _PrefillRun, layout: TokenLayout, hidden: torch.Tensor, index: int) -> None:
@@ -395,7 +400,7 @@ class PruningEngine:
         per_sample = []
         for n in n_visual:
             try:
-                per_sample.append(method.schedule(n, budget, self.adapter.num_layers))
+                per_sample.append(method.stages(n, budget, self.adapter.num_layers))
             except BudgetError as err:
                 raise BudgetError(f"method {method.name!r}: {err}") from None
         layers = {tuple(s.layer for s in stages) for stages in per_sample}

@@ -87,6 +87,25 @@ class Method:
         keep = budget.resolve(n_visual)
         return [Stage(PRE_LLM if self.stage == "pre" else self.layer, keep)]
 
+    def floor_schedule(self, n_visual: int, num_layers: int) -> list[Stage]:
+        """The floor control (budget ``floor``): the stages of budget ``all``, each in-LLM one
+        keeping a single token (the method's top pick), so only the layers before the first stage
+        see the image. Methods whose smallest K keeps more (DART's pivots) or that need a pre-LLM
+        stage at every budget (SparseVLM's raters) override it."""
+        if self.stage != "llm":
+            raise MethodError(
+                f"{self.name}: the floor budget is a control for in-LLM methods (one visual token after each "
+                f"stage); a pre-LLM method at one token is budget 1"
+            )
+        stages = self.schedule(n_visual, Budget.all(), num_layers)
+        return [stage if stage.layer is PRE_LLM else Stage(stage.layer, 1) for stage in stages]
+
+    def stages(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
+        """What the engine runs: :meth:`floor_schedule` for the floor budget, else :meth:`schedule`."""
+        if budget.floor:
+            return self.floor_schedule(n_visual, num_layers)
+        return self.schedule(n_visual, budget, num_layers)
+
     def select(self, ctx: StageContext) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} does not implement select()")
 

@@ -59,7 +59,7 @@ def load_records(store: ResultStore, models: list[str] | None, limit: str | None
         raise ReportError(f"no records in {str(store.root)!r}; run `prunebench run` first")
     if limit is not None:  # profile records time fixed inputs: no limit applies to them
         want = None if limit.strip().lower() == "full" else _int_limit(limit)
-        records = [r for r in records if r.kind != "eval" or r.key.limit == want]
+        records = [r for r in records if r.kind == "profile" or r.key.limit == want]
         if not any(r.kind == "eval" for r in records):
             raise ReportError(f"no eval records with --limit {limit}")
     available = sorted({r.key.model for r in records})

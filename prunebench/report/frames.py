@@ -23,6 +23,7 @@ from prunebench.results import Record
 from prunebench.tasks import GENERATED
 
 BASELINE = ("none", "all")  # (method, budget) of the unpruned reference run
+FLOOR = "floor"  # the budget of an in-LLM method's floor control (prunebench.budget)
 
 
 class ReportError(UserError, ValueError):
@@ -89,16 +90,24 @@ def budget_order(budget: str) -> tuple[int, float]:
         raise ReportError(f"record budget {budget!r}: {err}") from None
     if parsed.is_all:
         return (0, 0.0)
+    if parsed.floor:
+        return (3, 0.0)
     return (1, -parsed.tokens) if parsed.tokens is not None else (2, -parsed.fraction)
 
 
 def cell_index(records: list[Record]) -> dict[tuple[str, str, str], Record]:
-    """(method, budget, task) -> record; two sample limits for one cell are ambiguous."""
+    """(method, budget, task) -> record; two sample limits or two task data files for one cell are ambiguous."""
     cells: dict[tuple[str, str, str], Record] = {}
     for rec in records:
         cell = (rec.key.method, rec.key.budget, rec.key.task)
         if cell in cells:
             limits = sorted({_limit_name(r.key.limit) for r in (cells[cell], rec)})
+            if len(limits) == 1:
+                raise ReportError(
+                    f"{rec.key.model}: {rec.key.task} / {rec.key.method} @ {rec.key.budget} has records on several "
+                    f"task data files ({', '.join(sorted(str(r.key.setting or 'the task own') for r in (cells[cell], rec)))}); "
+                    "report each from its own --results store"
+                )
             raise ReportError(
                 f"{rec.key.model}: {rec.key.task} / {rec.key.method} @ {rec.key.budget} has records for "
                 f"several sample limits ({', '.join(limits)}); choose one with --limit"
@@ -162,6 +171,17 @@ def display_factor(metric: str) -> float:
     return 100.0 if stats.metric_info(metric).fraction else 1.0
 
 
+def group_k(budget: str, n_original: float | None) -> float | None:
+    """The visual tokens a budget group stands for: K, or the fraction of the original count;
+    None for the unpruned and floor groups, and a fraction without an original count."""
+    parsed = Budget.parse(budget)
+    if parsed.is_all or parsed.floor:
+        return None
+    if parsed.tokens is not None:
+        return float(parsed.tokens)
+    return parsed.fraction * n_original if n_original else None
+
+
 def _tokens(rec: Record) -> float:
     """Visual tokens the LLM saw, layer-averaged when the engine counted them."""
     vt = rec.visual_tokens
@@ -183,6 +203,8 @@ def group_label(budget: str, n_original: float | None) -> str:
     parsed = Budget.parse(budget)
     if parsed.is_all:
         return f"Unpruned ({n_original:.0f} tokens)" if n_original else "Unpruned"
+    if parsed.floor:
+        return "Floor control (1 token after each in-LLM stage)"
     if parsed.tokens is not None:
         cut = f" (-{100 * (1 - parsed.tokens / n_original):.1f}%)" if n_original else ""
         return f"Retain {parsed.tokens} tokens{cut}"
@@ -223,10 +245,12 @@ def score_frame(records: Iterable[Record]) -> pd.DataFrame:
                 "baseline": base_score,
                 "retention": retention,
                 "tokens": _tokens(rec),
+                "tflops": float(rec.timing.get("tflops", math.nan)),
+                "stage": rec.stage,
                 "n": rec.n_samples,
             }
         )
-    columns = ["method", "budget", "task", "metric", "score", "baseline", "retention", "tokens", "n"]
+    columns = ["method", "budget", "task", "metric", "score", "baseline", "retention", "tokens", "tflops", "stage", "n"]
     return pd.DataFrame(rows, columns=columns)
 
 

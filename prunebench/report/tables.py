@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table as RichTable
 from rich.text import Text
 
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv", "html": "html"}  # format -> file suffix
 MISSING = {"latex": "--"}  # how a missing cell reads; "–" everywhere else
+LATEX_MARKS = {"†": r"$^\dagger$", "‡": r"$^\ddagger$", "§": r"$^\S$"}  # footnote marks in LaTeX
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Column:
         elif self.kind == "ratio":
             text += r"$\times$" if fmt == "latex" else "×"
         if mark:
-            text += r"$^\dagger$" if fmt == "latex" else mark
+            text += LATEX_MARKS.get(mark, mark) if fmt == "latex" else mark
         return text
 
 
@@ -175,6 +177,8 @@ def _terminal_labels(index: pd.MultiIndex) -> tuple[list[tuple[str, ...]], list[
         for j, label in enumerate(labels):
             if j == 0 and (m := GROUP_LABEL.match(label)):
                 label = m["k"] if m["k"] else "all"
+            elif j == 0 and label.startswith("Floor control"):
+                label = "floor"
             elif j > 0 and (m := OPTIONS_LABEL.match(label)):
                 letter = letters.setdefault(m["options"], "abcdefghijklmnopqrstuvwxyz"[len(letters) % 26])
                 label = f"{m['name']} [{letter}]"
@@ -183,15 +187,16 @@ def _terminal_labels(index: pd.MultiIndex) -> tuple[list[tuple[str, ...]], list[
     return shown, [f"[{letter}] {options}" for options, letter in letters.items()]
 
 
-def rich_table(table: Table) -> tuple[RichTable, list[str]]:
-    """The table for the terminal, and notes for its shortened labels: one section per budget
-    group, best values in bold."""
+def rich_table(table: Table, columns: list[str] | None = None, title: str | None = None) -> tuple[RichTable, list[str]]:
+    """The table (or its ``columns``) for the terminal, and notes for its shortened labels: one
+    section per budget group, best values in bold."""
     cells = table.rendered("rich")
-    out = RichTable(title=table.title, min_width=len(table.title))  # the title on one line
+    out = RichTable(title=title or table.title, min_width=len(title or table.title))  # the title on one line
     levels = list(table.frame.index.names)
     for name in levels:
         out.add_column("K" if name == "Budget" else str(name), style="bold" if name == levels[0] else None, no_wrap=True)
-    for col in table.frame.columns:
+    shown_columns = [c for c in table.frame.columns if columns is None or c in columns]
+    for col in shown_columns:
         out.add_column(str(col), justify="left" if table.columns[col].kind == "text" else "right")
     labels, notes = _terminal_labels(table.frame.index)
     previous = None
@@ -199,7 +204,8 @@ def rich_table(table: Table) -> tuple[RichTable, list[str]]:
         if previous is not None and key[0] != previous[0]:
             out.add_section()
         row = [Text(label) for label in shown]
-        for j in range(len(table.frame.columns)):
+        for col in shown_columns:
+            j = table.frame.columns.get_loc(col)
             text = cells.iat[i, j]
             bold = table.bold is not None and bool(table.bold.iat[i, j]) and text is not None
             row.append(Text("–" if text is None else text, style="bold" if bold else ""))
@@ -208,9 +214,26 @@ def rich_table(table: Table) -> tuple[RichTable, list[str]]:
     return out, notes
 
 
+def _column_parts(table: Table, console: Console) -> list[list[str]]:
+    """The table's columns in consecutive parts, each printable whole within the console's width
+    (a number cut short by the terminal would misread)."""
+    parts: list[list[str]] = [[]]
+    for col in table.frame.columns:
+        trial = [*parts[-1], col]
+        width = Measurement.get(console, console.options.update_width(1 << 16), rich_table(table, trial)[0]).maximum
+        if parts[-1] and width > console.width:
+            parts.append([col])
+        else:
+            parts[-1] = trial
+    return parts
+
+
 def print_table(table: Table, console: Console) -> None:
-    rendered, label_notes = rich_table(table)
-    console.print(rendered)
+    parts = _column_parts(table, console)
+    for n, part in enumerate(parts):
+        title = table.title if n == 0 else f"{table.title} (continued)"
+        rendered, label_notes = rich_table(table, part if len(parts) > 1 else None, title)
+        console.print(rendered)
     if label_notes:
         console.print(Text(f"  options: {'; '.join(label_notes)}", style="dim"))
     for note in table.notes:

@@ -35,10 +35,29 @@ from prunebench.run.taskdata import TaskData, check_task_data
 
 # the trained tiny LLaVA shipped in prunebench/models/assets (README "Status" gives its accuracy)
 DEFAULT_MODEL = "builtin:tiny-llava"
-# on the default model: every method, in-LLM stages moved early enough that its 4-layer decoder
-# meets K = 64, the learned selectors from the checkpoints shipped for it
-BUILTIN_METHODS = ("none,random,fastv,sparsevlm:layers=0/1/2,pyramiddrop:layers=0/1/2,dart,visionzip,divprune,"
-                   "vispruner,cdpruner:text=llm,pool,autoselect,gumbel")
+# on the default model: every method, and why it runs with these options (`prunebench list` shows them)
+BUILTIN_DEFAULTS = {
+    "none": "the unpruned baseline",
+    "random": "the chance level of selection at each budget",
+    "fastv": "the paper's layer 2: pruned after 2 of the 4 layers, so K = 64 costs ~320 layer-averaged tokens "
+             "(Tokens (eq.) and the floor row say what that measures)",
+    "sparsevlm:layers=0/1/2": "the paper's scoring layers 2/6/15 do not fit 4 layers; scoring at 0/1/2 prunes before "
+                              "1/2/3, each ranked by the question tokens; its published schedules are nominal",
+    "pyramiddrop:layers=1/2/3": "the paper's 8/16/24 of 32 at the same relative depth: every stage ranks hidden states "
+                                "a layer has mixed (a stage at layer 0 ranks raw input embeddings and falls below "
+                                "random); layer 0 sees all 576 tokens, so budgets under 145 are out of reach (-)",
+    "dart": "the paper's layer 2, as FastV",
+    "visionzip": "the paper's settings (pre-LLM)",
+    "divprune": "the paper's settings (pre-LLM)",
+    "vispruner": "the official code's default split (half important by CLS attention, half diverse; pre-LLM)",
+    "cdpruner:text=llm": "the built-in model has no CLIP text tower: relevance from its LLM's embeddings of the "
+                         "question, as OpenVINO's port for models without one (text=clip is the official path)",
+    "pool": "average pooling of the projected 24x24 grid to the largest grid of at most K cells (sides <= 2:1)",
+    "autoselect": "the checkpoint shipped for this model and budget (trained at that K, dropping tokens as inference "
+                  "does)",
+    "gumbel": "the checkpoint shipped for this model",
+}
+BUILTIN_METHODS = ",".join(BUILTIN_DEFAULTS)
 # on any other model: every training-free method at its paper's settings (learned ones need ckpt=)
 TRAINING_FREE_METHODS = "none,random,fastv,sparsevlm,pyramiddrop,dart,visionzip,divprune"
 
@@ -76,6 +95,7 @@ class RunSettings:
     task_data: list[str] = field(default_factory=list)  # TASK=PATH items
     max_new_tokens: int | None = None
     force: bool = False
+    floor: bool = True  # add each in-LLM method's floor control (budget "floor")
     vision_cache_mb: int | None = None  # None: 0 on GPU, 2048 on CPU
     verbose: bool = False  # lmms-eval's output on the terminal, a line per finished cell
     argv: list[str] = field(default_factory=list)  # the command line, recorded in provenance
@@ -92,16 +112,22 @@ class Cell:
         return f"{self.method.spec()} @ {self.budget} on {self.task}"
 
 
-def plan(methods: list[Method], budgets: list[Budget], tasks: list[str]) -> list[Cell]:
+def plan(methods: list[Method], budgets: list[Budget], tasks: list[str], floor: bool = False,
+         unreachable: dict[tuple[str, str], str] | None = None) -> list[Cell]:
     """Task by task (the run's cache keeps one task's images): its unpruned baseline, then each
-    pruning method at each budget."""
+    pruning method at each budget it can reach (``unreachable``: (spec, budget) -> why not), then
+    with ``floor`` each in-LLM method's floor control."""
     baseline = create_method("none")
+    unreachable = unreachable or {}
     cells = []
     for task in tasks:
         cells.append(Cell(baseline, Budget.all(), task))
         for method in methods:
             if method.stage != "none":
-                cells += [Cell(method, budget, task) for budget in budgets]
+                cells += [Cell(method, budget, task) for budget in budgets
+                          if (method.spec(), str(budget)) not in unreachable]
+        if floor:
+            cells += [Cell(method, Budget.floor_control(), task) for method in methods if method.stage == "llm"]
     return cells
 
 
@@ -115,9 +141,13 @@ class ModelFacts:
     varies: bool  # the count depends on the image (LLaVA-NeXT, Qwen-VL, ...)
 
 
-def check_schedules(methods: list[Method], budgets: list[Budget], model: ModelFacts) -> None:
-    """Every (method, budget) must be schedulable on this model before any cell runs (a method's
-    other needs, a signal or a checkpoint's width, are probed by ``servable_methods``).
+def check_schedules(methods: list[Method], budgets: list[Budget], model: ModelFacts,
+                    floor: bool = False) -> dict[tuple[str, str], str]:
+    """Check every (method, budget) on this model before any cell runs (a method's other needs, a
+    signal or a checkpoint's width, are probed by ``servable_methods``); returns the pairs whose
+    budget the method's schedule cannot meet here ((spec, budget) -> the reason): they are not run,
+    and the report shows them as "–" with the reason. Refused: any other schedule error, a method
+    that meets none of the budgets, a budget no method meets, and a floor control that cannot run.
 
     ``model.varies``: the visual tokens depend on the image (LLaVA-NeXT, Qwen-VL) and ``n_visual``
     is the most one image can give; a budget is checked against that image, so the layer checks
@@ -126,15 +156,30 @@ def check_schedules(methods: list[Method], budgets: list[Budget], model: ModelFa
     already written stay.
     """
     tokens = f"up to {model.n_visual} visual tokens per image" if model.varies else f"{model.n_visual} visual tokens"
-    for method in methods:
-        for budget in budgets:
+
+    def context(method: Method, budget: Budget, err: Exception) -> str:
+        return f"{method.spec()} at budget {budget} on {model.name} ({tokens}, {model.num_layers} decoder layers): {err}"
+
+    failed: dict[tuple[int, str], BudgetError] = {}
+    for i, method in enumerate(methods):
+        for budget in [*budgets, *([Budget.floor_control()] if floor and method.stage == "llm" else [])]:
             try:
-                check_stages(method, method.schedule(model.n_visual, budget, model.num_layers), model.n_visual,
+                check_stages(method, method.stages(model.n_visual, budget, model.num_layers), model.n_visual,
                              model.num_layers)
-            except (BudgetError, MethodError) as err:
-                raise type(err)(
-                    f"{method.spec()} at budget {budget} on {model.name} ({tokens}, {model.num_layers} decoder layers): {err}"
-                ) from None
+            except MethodError as err:
+                raise MethodError(context(method, budget, err)) from None
+            except BudgetError as err:
+                if budget.floor:
+                    raise BudgetError(context(method, budget, err)) from None
+                failed[(i, str(budget))] = BudgetError(context(method, budget, err))
+    pruning = [i for i, m in enumerate(methods) if m.stage != "none"]
+    for i in pruning:
+        if budgets and all((i, str(b)) in failed for b in budgets):
+            raise failed[(i, str(budgets[0]))]
+    for budget in budgets:
+        if pruning and all((i, str(budget)) in failed for i in pruning):
+            raise failed[(pruning[0], str(budget))]
+    return {(methods[i].spec(), budget): str(err) for (i, budget), err in failed.items()}
 
 
 def check_prompts(data: TaskData, processor, model: ModelFacts, max_positions: int | None) -> None:
@@ -249,14 +294,14 @@ def run(args: RunSettings) -> list[Record]:
                                   trust_remote_code=args.trust_remote_code)
     engine = PruningEngine(model, processor.tokenizer)
     facts = _model_facts(args.model, engine, processor)
-    check_schedules(checked.methods, checked.budgets, facts)
+    unreachable = check_schedules(checked.methods, checked.budgets, facts, args.floor)
     methods = servable_methods(checked.methods, engine, processor, args.model, listed=args.methods is not None,
                                note=console.print)
     for data in checked.task_data.values():
         check_prompts(data, processor, facts, engine.adapter.max_positions)
 
     # 3. the cells, keyed by their inputs' contents; the stored ones must be readable
-    cells = plan(methods, checked.budgets, checked.tasks)
+    cells = plan(methods, checked.budgets, checked.tasks, args.floor, unreachable)
     keys, cell_inputs = _keys(cells, args, processor, checked.task_data)
     store.check_writable(keys)
     stored = {} if args.force else {key: store.load(key) for key in keys if store.has(key)}
@@ -272,6 +317,9 @@ def run(args: RunSettings) -> list[Record]:
     console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, "
                   f"results in {escape(str(store.root))}"
                   + ("" if args.verbose else f" (lmms-eval's log: {escape(str(store.root / LOG_NAME))})"))
+    if world.main:
+        finished += _record_unreachable(store, unreachable, methods, checked.tasks, args, processor,
+                                        checked.task_data, provenance, console)
     with RunProgress(console, len(cells), args.verbose) as progress:
         for cell, key, described in zip(cells, keys, cell_inputs):
             cache.start_task(cell.task)
@@ -327,6 +375,29 @@ def _keys(cells: list[Cell], args: RunSettings, processor, task_data: dict[str, 
                               inputs=inputs.key_digest(parts)))
         described.append({**parts, **({"task_data": data.describe()} if data else {})})
     return keys, described
+
+
+def _record_unreachable(store: ResultStore, unreachable: dict[tuple[str, str], str], methods: list[Method],
+                        tasks: list[str], args: RunSettings, processor, task_data: dict[str, TaskData],
+                        provenance: dict, console) -> list[Record]:
+    """An "unreachable" record per task for each (method, budget) not run, with the reason, so
+    that the report shows the cell as "–" and says why."""
+    from rich.markup import escape
+
+    by_spec = {m.spec(): m for m in methods}  # a method dropped as not servable has no cells at all
+    pairs = [(spec, budget) for spec, budget in unreachable if spec in by_spec]
+    cells = [Cell(by_spec[spec], Budget.parse(budget), task) for spec, budget in pairs for task in tasks]
+    keys, _ = _keys(cells, args, processor, task_data)
+    for spec, budget in pairs:
+        console.print(f"[yellow]not run[/] {escape(spec)} @ {budget}: {escape(unreachable[spec, budget])}")
+    written = []
+    for cell, key in zip(cells, keys):
+        record = Record(key=key, kind="unreachable",
+                        **{k: v for k, v in cell_fields(cell.method, cell.budget, 0, 0, 0).items() if k != "visual_tokens"},
+                        provenance={**provenance, "reason": unreachable[cell.method.spec(), str(cell.budget)]})
+        store.write(record)
+        written.append(record)
+    return written
 
 
 def _check_stored_dtypes(store: ResultStore, stored: dict[RecordKey, Record], dtype: str) -> None:
@@ -405,7 +476,7 @@ def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, pro
         n_samples=len(samples),
         **cell_fields(cell.method, cell.budget, kept=mean(s.visual_tokens[-1] for s in stats),
                       equivalent=mean(mean(s.visual_tokens) for s in stats), original=mean(s.n_visual for s in stats)),
-        timing=_timing(stats),
+        timing=_timing(stats) | _prefill_tflops(engine, stats),
         # batches whose vision output (and its measured time) came from an earlier cell of the run
         provenance={**provenance, "lmms_eval_task": result_name, "vision_reused_batches": cache.hits - reused_before},
     )
@@ -453,6 +524,19 @@ def _timing(stats) -> dict[str, float]:
 
 
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def _prefill_tflops(engine, stats) -> dict[str, float]:
+    """Mean per-sample LLM prefill TFLOPs at the tokens each layer saw (prunebench.profiling.flops),
+    as `prunebench profile` counts them; nothing for a decoder the FLOPs model does not cover."""
+    from prunebench.profiling.flops import DecoderGeometry, prefill_flops
+
+    try:
+        geometry = DecoderGeometry.from_config(engine.model.config)
+    except NotImplementedError:
+        return {}
+    flops = [prefill_flops(geometry, [[s.prompt_tokens - s.n_visual + v for v in s.visual_tokens]]) for s in stats]
+    return {"tflops": mean(flops) / 1e12}
 
 
 def _device(name: str, world: distributed.World) -> str:

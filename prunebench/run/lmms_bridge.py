@@ -111,6 +111,7 @@ class SampleStats:
     visual_tokens: list[int]  # entering each decoder layer
     new_tokens: int
     timing: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0  # the prompt's tokens, its visual ones before pruning included
 
 
 class PrunedVLM(lmms):
@@ -334,8 +335,10 @@ class PrunedVLM(lmms):
         share = {k: v / len(doc_ids) for k, v in timings.items()}
         if n_visual is None:
             n_visual = (inputs["input_ids"] == self.engine.adapter.image_token_id).sum(-1).tolist()
+        prompt = inputs["attention_mask"].sum(-1).tolist()
         for b, (task, doc_id) in enumerate(zip(tasks, doc_ids)):
-            self.stats[(task, doc_id)] = SampleStats(n_visual[b], visual_tokens[b].tolist(), new_tokens[b], share)
+            self.stats[(task, doc_id)] = SampleStats(n_visual[b], visual_tokens[b].tolist(), new_tokens[b], share,
+                                                     prompt[b])
 
 
 def visual_tokens_at(processor) -> Callable[[int, int], int]:

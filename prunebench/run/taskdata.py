@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prunebench.fingerprint import file_digest
 from prunebench.run import taskspec
+from prunebench.tasks import GENERATED
 from prunebench.run.taskspec import FILE_FORMATS, TaskError
 
 # tasks whose metric is local code (no judge model behind an API): their answers are scored once
@@ -58,7 +59,7 @@ def check_task_data(task: str, data: str, limit: int | None) -> TaskData:
         raise TaskError(f"{where}: the file is empty")
     if fmt == "parquet":
         _check_parquet(path, where)
-    config = taskspec.base_config(task)
+    config = taskspec.base_config(GENERATED[task].base if task in GENERATED else task)  # a generated task: its base's
     rows = _load(path, fmt, config.get("test_split", "test"), where)
     if len(rows) == 0:
         raise TaskError(f"{where}: the file has no rows")
@@ -132,7 +133,8 @@ def _build_task(task: str, path: str, where: str, fmt: str):
     spec = taskspec.task_spec(task, path, cache_dir=Path("."))
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return get_task_dict([spec], taskspec.manager_for([task]))[task]
+            (built,) = get_task_dict([spec], taskspec.manager_for([task])).values()  # one task, keyed by name or alias
+            return built
     except Exception as err:  # noqa: BLE001 - lmms-eval's task set-up on a file it cannot use
         raise TaskError(f"{where}: lmms-eval cannot set up {task} on it ({_first_line(err)})") from None
 

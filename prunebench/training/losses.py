@@ -11,12 +11,31 @@ from prunebench.engine.adapters import LlavaAdapter
 
 def vlm_loss(adapter: LlavaAdapter, batch: dict[str, torch.Tensor], image_embeds: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on the labelled tokens, with ``image_embeds`` in the image slots."""
-    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    hidden, positions = decoder_inputs(adapter, batch, image_embeds)
+    return decoder_loss(adapter, hidden, batch["attention_mask"], positions, batch["labels"])
+
+
+def decoder_inputs(adapter: LlavaAdapter, batch: dict[str, torch.Tensor],
+                   image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings with ``image_embeds`` in the image slots, in order; contiguous position ids) of a
+    right-padded batch: what decoder layer 0 is fed."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     hidden = adapter.embed(input_ids)
     image_slots = (input_ids == adapter.image_token_id)[..., None]
     hidden = hidden.masked_scatter(image_slots, image_embeds.to(hidden.dtype))
-    positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    return decoder_loss(adapter, hidden, attention_mask, positions, labels)
+    return hidden, (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def drop_unselected(batch: dict[str, torch.Tensor], keep: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
+    """The batch as a pre-LLM stage that re-indexes leaves the sequence: each row's image tokens
+    not in ``keep`` (``(B, K)`` sorted indices into that row's image tokens) removed and the rest
+    moved up, so the position ids :func:`decoder_inputs` counts over the mask are re-indexed."""
+    input_ids = batch["input_ids"]
+    kept = input_ids != image_token_id
+    for row, chosen in enumerate(keep):
+        kept[row, (input_ids[row] == image_token_id).nonzero().flatten()[chosen]] = True
+    index = kept.nonzero()[:, 1].view(len(input_ids), -1)  # every row keeps the same count
+    return {**batch, **{name: batch[name].gather(1, index) for name in ("input_ids", "attention_mask", "labels")}}
 
 
 def decoder_loss(adapter: LlavaAdapter, hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
@@ -35,9 +54,16 @@ def vision_features(adapter: LlavaAdapter, pixel_values: torch.Tensor) -> torch.
         return adapter.encode_images(pixel_values).features
 
 
-def autoselect_loss(module, adapter: LlavaAdapter, batch, k: int, tau: float, generator) -> tuple[torch.Tensor, dict]:
+def autoselect_loss(module, adapter: LlavaAdapter, batch, k: int, tau: float, generator,
+                    drop: bool = False) -> tuple[torch.Tensor, dict]:
+    """``drop``: the step sees what inference sees: the non-selected tokens dropped, positions
+    re-indexed, nothing noised or denoised (AutoSelect.forward)."""
     features = vision_features(adapter, batch["pixel_values"])
-    selected, _ = module(features, k=k, tau=tau, generator=generator)
+    if drop:
+        selected, keep = module(features, k=k, tau=tau, generator=generator, drop=True)
+        batch = drop_unselected(batch, keep, adapter.image_token_id)
+    else:
+        selected, _ = module(features, k=k, tau=tau, generator=generator)
     loss = vlm_loss(adapter, batch, adapter.project(selected.to(features.dtype)))
     return loss, {}
 

@@ -32,7 +32,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prunebench.engine.method import Method, MethodError, Selection
+from prunebench.budget import Budget
+from prunebench.engine.method import Method, MethodError, Selection, Stage
 
 if TYPE_CHECKING:
     from prunebench.engine.signals import StageContext
@@ -230,11 +231,23 @@ class AutoSelect(nn.Module):
             self.denoiser.zero_residual()  # starts as the identity: the projector sees its usual input
 
     def forward(
-        self, features: torch.Tensor, k: int, tau: float, generator: torch.Generator | None = None
+        self, features: torch.Tensor, k: int, tau: float, generator: torch.Generator | None = None, drop: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training path: ``(B, N, d_v)`` features -> (gated and denoised features, soft weights)."""
+        """Training path: ``(B, N, d_v)`` features -> (gated and denoised features, soft weights).
+
+        ``drop``: the path of inference instead: the hard top-K of the Gumbel-perturbed logits
+        alone goes on, neither noised nor denoised -> (``(B, K, d_v)`` kept features in their
+        original order, ``(B, K)`` their indices). The kept features enter unchanged (times a
+        straight-through factor that is exactly 1 forward) and carry the LapSum soft top-K's
+        gradient to the scorer; the caller drops the other tokens from the sequence."""
         x = features.float()
         scores = self.scorer(x)
+        if drop:
+            perturbed = scores + gumbel_noise(scores, generator)
+            keep = perturbed.detach().topk(k, dim=-1).indices.sort(-1).values
+            soft = lapsum_topk(perturbed, k, tau)
+            unit = (1.0 + (soft - soft.detach())).gather(1, keep)
+            return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1])) * unit[..., None], keep
         if self.config.gate == "gumbel_ste":
             perturbed = scores + gumbel_noise(scores, generator)
             soft = lapsum_topk(perturbed, k, tau)
@@ -436,20 +449,33 @@ def check_vision_width(record: dict[str, Any], width: int, directory: str | Path
         )
 
 
-def shipped_checkpoint(kind: str) -> Path:
-    """Where the checkpoint trained for the built-in tiny LLaVA ships."""
+def shipped_checkpoint(kind: str, variant: str | None = None) -> Path:
+    """Where a checkpoint trained for the built-in tiny LLaVA ships: ``<kind>-tiny-llava`` or, for
+    AutoSelect, one per budget (``variant`` "k64", ...) and the sampled-K one ("sampled-k")."""
     from prunebench.models.loading import ASSETS
 
-    return ASSETS / f"{kind}-tiny-llava"
+    return ASSETS / (f"{kind}-tiny-llava" + (f"-{variant}" if variant else ""))
+
+
+# how the per-budget AutoSelect checkpoints shipped for builtin:tiny-llava were trained (--budget K added)
+SHIPPED_RECIPE = "--model builtin:tiny-llava --data synthetic:4000 --steps 400 --lr 1e-3 --drop 0.5"
+
+
+def shipped_budgets(kind: str) -> list[int]:
+    """The budgets K with a per-budget checkpoint shipped for builtin:tiny-llava."""
+    root = shipped_checkpoint(kind).parent
+    prefix = f"{kind}-tiny-llava-k"
+    return sorted(int(p.name[len(prefix):]) for p in root.glob(f"{prefix}*")
+                  if p.name[len(prefix):].isdigit() and (p / CONFIG_NAME).is_file())
 
 
 class CheckpointScorer:
     """What a method holds: a checkpoint checked at creation (config and weight header, before any
     model runs), loaded on first use onto the features' device, refused for another vision width."""
 
-    def __init__(self, kind: str, ckpt: str | None):
-        self.shipped = not ckpt  # no ckpt: the checkpoint shipped for builtin:tiny-llava
-        self.kind, self.directory = kind, Path(ckpt) if ckpt else shipped_checkpoint(kind)
+    def __init__(self, kind: str, ckpt: str | None, variant: str | None = None):
+        self.shipped = not ckpt  # no ckpt: a checkpoint shipped for builtin:tiny-llava
+        self.kind, self.directory = kind, Path(ckpt) if ckpt else shipped_checkpoint(kind, variant)
         if self.shipped and not (self.directory / "config.json").is_file():
             raise CheckpointError(
                 f"{kind} needs a trained checkpoint: pass {kind}:ckpt=DIR; {train_hint(kind)}. "
@@ -507,17 +533,70 @@ def _check_positive(**values: int) -> None:
 
 @dataclass(kw_only=True)
 class CheckpointSelector(Method):
-    """Base of the learned pre-LLM methods: hard top-K of a trained scorer loaded from ``ckpt``."""
+    """Base of the learned pre-LLM methods: hard top-K of a trained scorer loaded from ``ckpt``.
+
+    Without ``ckpt`` a checkpoint shipped for builtin:tiny-llava is used: the one of ``variant``
+    (None: ``<name>-tiny-llava``), or with ``per_budget`` the one trained at the run's K."""
 
     stage: ClassVar[str] = "pre"
     ckpt: str | None = None  # checkpoint directory (config.json + model.safetensors); None: the built-in model's
-    _scorer: CheckpointScorer | None = field(default=None, init=False, repr=False, compare=False)
+    _scorers: dict[int | None, CheckpointScorer] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def per_budget(self) -> bool:
+        return False
+
+    @property
+    def variant(self) -> str | None:
+        return None
 
     def __post_init__(self) -> None:
-        self._scorer = CheckpointScorer(self.name, self.ckpt)  # a missing or bad checkpoint fails here
+        if self.per_budget:
+            if not shipped_budgets(self.name):  # an install without them fails here
+                raise self._not_shipped(None)
+        else:
+            self._scorers[None] = CheckpointScorer(self.name, self.ckpt, self.variant)  # a bad checkpoint fails here
+
+    def scorer(self, k: int | None) -> CheckpointScorer:
+        """The scorer for budget ``k``: the one checkpoint, or the one shipped for K = ``k``."""
+        if not self.per_budget:
+            return self._scorers[None]
+        if k not in self._scorers:
+            if k not in shipped_budgets(self.name):
+                raise self._not_shipped(k)
+            self._scorers[k] = CheckpointScorer(self.name, None, f"k{k}")
+        return self._scorers[k]
+
+    def _not_shipped(self, k: int | None) -> CheckpointError:
+        shipped = shipped_budgets(self.name)
+        have = f"they ship for K = {', '.join(map(str, shipped))}" if shipped else "this install has none"
+        return CheckpointError(
+            f"{self.name}: without ckpt= it uses the checkpoint shipped for builtin:tiny-llava at the run's budget"
+            f"{'' if k is None else f' (K = {k})'}; {have}. Train one with `prunebench train {self.name} "
+            f"{SHIPPED_RECIPE} --budget {k or 'K'} --out DIR` and pass {self.name}:ckpt=DIR, or use "
+            f"{self.name}:shipped=sampled-k (one scorer trained for K in 64..192)"
+        )
+
+    def schedule(self, n_visual: int, budget: Budget, num_layers: int) -> list[Stage]:
+        stages = super().schedule(n_visual, budget, num_layers)
+        if self.per_budget and not budget.is_all:
+            self.scorer(stages[0].keep)  # no checkpoint for this K: refused before any work
+        return stages
 
     def input_files(self) -> list[Path]:
-        return self._scorer.files()
+        """The checkpoint files behind this method's records: the one checkpoint, or every shipped
+        per-budget one (the method's records share one digest)."""
+        if not self.per_budget:
+            return self._scorers[None].files()
+        return [f for k in shipped_budgets(self.name) for f in self.scorer(k).files()]
 
     def select(self, ctx: StageContext) -> Selection:
-        return self._scorer.top_k(ctx)
+        if all(k == n for n, k in zip(ctx.n_visual, ctx.keep)):  # budget all: every token, no scoring
+            # still what scoring needs: per-token vision features this checkpoint fits (the pre-run probe)
+            width = ctx.vision_features.shape[-1]
+            budgets = shipped_budgets(self.name) if self.per_budget else [None]
+            self.scorer(budgets[0]).module(ctx.hidden.device, width)
+            return Selection(keep=[torch.arange(n, device=ctx.hidden.device) for n in ctx.n_visual])
+        if self.per_budget and len(set(ctx.keep)) > 1:
+            raise MethodError(f"{self.name}: the shipped per-budget checkpoints need one K per batch, got {ctx.keep}")
+        return self.scorer(ctx.keep[0] if self.per_budget else None).top_k(ctx)

@@ -10,7 +10,11 @@ features and the projector. Gumbel: reconstruction of the vision features only (
 AdamW with cosine learning-rate decay; the soft top-K temperature is cosine-annealed from 2.0 to
 0.1 over the first 2,000 steps (or over all steps, when fewer). Budget: AutoSelect samples K
 uniformly in 64..192 per batch by default, so one scorer serves every budget (``--budget 64`` fixes
-K); for Gumbel ``--budget`` sets the kept-fraction floor p (default 25 %).
+K); for Gumbel ``--budget`` sets the kept-fraction floor p (default 25 %). ``--drop P``: in a share P
+of AutoSelect's steps the selection is made as inference makes it: the hard top-K (of
+Gumbel-perturbed logits) alone goes to the projector and the LLM, the other tokens dropped from the
+sequence and positions re-indexed, with a straight-through LapSum gradient; the other steps keep
+all N positions and noise the unselected tokens (the paper's gate).
 
 Every random draw (batch order, K, noise) is a function of (seed, step, process), so ``--resume``
 continues a run exactly as if it had not stopped. Checkpoints hold safetensors only.
@@ -106,6 +110,7 @@ class TrainConfig:
     gate: str = "vp"
     gate_norm: str = "channel"
     denoiser: str = "diagonal"
+    drop: float = 0.0  # autoselect: share of steps that drop the unselected tokens and re-index, as inference
     seed: int = 0
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     save_every: int = 500
@@ -126,6 +131,8 @@ class TrainConfig:
         self.tau_steps = self.tau_steps or min(2000, self.steps)
         if self.tau_steps < 0:
             raise OptionError(f"--tau-steps must be positive, got {self.tau_steps}")
+        if not 0.0 <= self.drop <= 1.0 or (self.drop and self.selector != "autoselect"):
+            raise OptionError(f"--drop {self.drop}: the share of AutoSelect steps that drop tokens, in [0, 1]")
         unknown = set(self.columns) - set(ROLES)
         if unknown:
             raise OptionError(f"unknown column role(s) {sorted(unknown)}; valid roles: {', '.join(ROLES)}")
@@ -161,6 +168,11 @@ def parse_budget_range(text: str, n_tokens: int) -> tuple[int, int]:
 def budget_at(cfg: TrainConfig, step: int, n_tokens: int) -> int:
     low, high = parse_budget_range(cfg.budget, n_tokens)
     return random.Random(f"{cfg.seed}:{step}:budget").randint(low, high)
+
+
+def drop_at(cfg: TrainConfig, step: int) -> bool:
+    """Whether AutoSelect's step ``step`` drops the unselected tokens (a share ``cfg.drop`` of steps)."""
+    return cfg.drop > 0 and random.Random(f"{cfg.seed}:{step}:drop").random() < cfg.drop
 
 
 def keep_floor(cfg: TrainConfig, n_tokens: int) -> float:
@@ -396,9 +408,10 @@ def build_module(cfg: TrainConfig, vision_width: int, n_tokens: int):
 def train(cfg: TrainConfig, model=None, processor=None, console: Console | None = None) -> list[dict]:
     """Run (or resume) training; returns the per-step log. ``model``/``processor``: already loaded
     (else ``cfg.model`` is loaded). The model's own weights are frozen and never change."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    accelerator = Accelerator()
+    # a dropping step leaves the denoiser out, as inference does: DDP must allow unused parameters
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.drop > 0)])
     device = accelerator.device
     console = console or Console(stderr=True)
     out = Path(cfg.out)
@@ -462,6 +475,7 @@ def _loop(cfg: TrainConfig, accelerator, wrapped, optimizer, adapter: LlavaAdapt
             for group in optimizer.param_groups:
                 group["lr"] = lr
             k = budget_at(cfg, step, n_tokens) if cfg.selector == "autoselect" else None
+            drop = drop_at(cfg, step)
             total, logs = 0.0, {}
             for micro in range(cfg.grad_accum):
                 batch = {name: t.to(device) for name, t in next(batches).items()}
@@ -470,7 +484,7 @@ def _loop(cfg: TrainConfig, accelerator, wrapped, optimizer, adapter: LlavaAdapt
                 sync = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-batch
                 with (nullcontext() if sync else accelerator.no_sync(wrapped)), accelerator.autocast():
                     if k is not None:
-                        loss, logs = autoselect_loss(wrapped, adapter, batch, k, tau, generator)
+                        loss, logs = autoselect_loss(wrapped, adapter, batch, k, tau, generator, drop)
                     else:
                         loss, logs = gumbel_loss(wrapped, adapter, batch, tau, generator)
                     accelerator.backward(loss / cfg.grad_accum)
@@ -479,7 +493,8 @@ def _loop(cfg: TrainConfig, accelerator, wrapped, optimizer, adapter: LlavaAdapt
                 accelerator.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "loss": total, "tau": tau, "lr": lr, **({"k": k} if k is not None else {}), **logs}
+            record = {"step": step + 1, "loss": total, "tau": tau, "lr": lr, **({"k": k} if k is not None else {}),
+                      **({"drop": drop} if cfg.drop else {}), **logs}
             history.append(record)
             extra = f"K {k}" if k is not None else f"mse {logs['mse']:.4f} kept {logs['kept']:.2f}"
             progress.update(task, advance=1, loss=total, tau=tau, extra=extra)

@@ -80,22 +80,64 @@ def test_spec_and_options(checkpoints):
     assert method.stage == "pre" and method.spec() == f"gumbel:ckpt={ckpt}"
 
 
-@pytest.mark.parametrize("kind", METHODS)
-def test_without_a_checkpoint_the_error_says_how_to_train_one(kind, monkeypatch, tmp_path):
+@pytest.mark.parametrize("spec", ["gumbel", "autoselect:shipped=sampled-k"])
+def test_without_a_checkpoint_the_error_says_how_to_train_one(spec, monkeypatch, tmp_path):
+    kind = spec.partition(":")[0]
     monkeypatch.setattr("prunebench.models.loading.ASSETS", tmp_path)  # an install without the shipped checkpoints
     with pytest.raises(MethodError, match=f"{kind} needs a trained checkpoint: pass {kind}:ckpt=DIR; "
                                           f"train one with `prunebench train {kind} --model MODEL"):
-        create_method(kind)
+        create_method(spec)
+    with pytest.raises(MethodError, match="at the run's budget; this install has none. Train one with `prunebench "
+                                          "train autoselect --model builtin:tiny-llava"):
+        create_method("autoselect")
 
 
-@pytest.mark.parametrize("kind", METHODS)
-def test_the_shipped_checkpoint_is_refused_on_another_model(engine, batch, kind):
-    if not (shipped_checkpoint(kind) / "config.json").is_file():
+@pytest.mark.parametrize("spec,variant", [("gumbel", None), ("autoselect", "k64"), ("autoselect:shipped=sampled-k", "sampled-k")])
+def test_the_shipped_checkpoint_is_refused_on_another_model(engine, batch, spec, variant):
+    kind = spec.partition(":")[0]
+    if not (shipped_checkpoint(kind, variant) / "config.json").is_file():
         pytest.skip("this install lacks the checkpoints shipped for builtin:tiny-llava")
-    method = create_method(kind)  # no ckpt=: the one trained for builtin:tiny-llava (vision width 64)
+    method = create_method(spec)  # no ckpt=: one trained for builtin:tiny-llava (vision width 64)
     with pytest.raises(CheckpointError, match=f"{kind}: without ckpt= it uses the checkpoint shipped for "
                                               "builtin:tiny-llava, which does not fit this model \\(vision width 32\\)"):
         run(engine, batch, method, budget=64, max_new_tokens=1)
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch, tiny):
+    """An install whose builtin:tiny-llava AutoSelect checkpoints fit the tiny test model: per-budget
+    ones for K = 64 and 128 and the sampled-K one, each a differently seeded module."""
+    monkeypatch.setattr("prunebench.models.loading.ASSETS", tmp_path)
+    modules = {}
+    for seed, variant in enumerate(["k64", "k128", "sampled-k"]):
+        torch.manual_seed(seed)
+        modules[variant] = build_selector("autoselect", vision_width=32).eval()
+        save_selector(tmp_path / f"autoselect-tiny-llava-{variant}", modules[variant], {"model": "builtin:tiny-llava"})
+    return modules
+
+
+def test_the_shipped_checkpoint_is_the_one_trained_at_the_runs_budget(tiny, engine, batch, shipped):
+    model, _ = tiny
+    for budget, variant in [(64, "k64"), (128, "k128")]:
+        gen = run(engine, batch, create_method("autoselect"), budget=budget, max_new_tokens=1)
+        assert gen.kept_patches == reference_keep(model, batch["pixel_values"], shipped[variant], budget)
+    sampled = run(engine, batch, create_method("autoselect:shipped=sampled-k"), budget=64, max_new_tokens=1)
+    assert sampled.kept_patches == reference_keep(model, batch["pixel_values"], shipped["sampled-k"], 64)
+    assert sampled.kept_patches != run(engine, batch, create_method("autoselect"), budget=64, max_new_tokens=1).kept_patches
+    everything = run(engine, batch, create_method("autoselect"), budget="all", max_new_tokens=1)
+    assert everything.kept_patches == [list(range(576))] * 3  # budget all needs no checkpoint
+
+
+def test_a_budget_without_a_shipped_checkpoint_is_refused_before_any_work(engine, batch, shipped):
+    from prunebench.budget import Budget
+
+    method = create_method("autoselect")
+    with pytest.raises(CheckpointError, match=r"at the run's budget \(K = 100\); they ship for K = 64, 128\. Train one "
+                                              r"with `prunebench train autoselect --model builtin:tiny-llava .*--budget 100 "
+                                              r"--out DIR` and pass autoselect:ckpt=DIR, or use autoselect:shipped=sampled-k"):
+        method.schedule(576, Budget.parse("100"), 4)  # what `prunebench run` checks before any cell
+    with pytest.raises(MethodError, match="shipped= picks among the checkpoints shipped"):
+        create_method("autoselect:shipped=sampled-k,ckpt=/somewhere")
 
 
 def test_bad_checkpoints_are_refused_with_clear_errors(engine, batch, checkpoints, tmp_path):

@@ -51,6 +51,17 @@ def table(records, tiny):
     return accuracy_table(records, agreement_frame(records, tiny))
 
 
+@pytest.fixture(scope="module")
+def banded(records, tiny):
+    """The table with FastV's layer-averaged tokens set to its K: every row inside its compute band."""
+    inside = [
+        dataclasses.replace(r, visual_tokens={**r.visual_tokens, "equivalent": float(r.key.budget)})
+        if r.key.method == "fastv" and r.kind == "eval" else r
+        for r in records
+    ]
+    return accuracy_table(inside, agreement_frame(inside, tiny))
+
+
 # -- accuracy table ----------------------------------------------------------------------------
 
 
@@ -62,7 +73,7 @@ def test_rows_groups_and_columns(table):
         (G64, "FastV"),
         (G64, "Random"),
     ]
-    assert list(table.frame.columns) == ["GQA", "MME-P", "POPE", "Avg.", "Agree."]
+    assert list(table.frame.columns) == ["GQA", "MME-P", "POPE", "Avg.", "Agree.", "Tokens (eq.)"]  # no FLOPs stored
 
 
 def test_scores_on_native_scale(table):
@@ -85,7 +96,7 @@ def test_average_retention(table):
     assert avg[(G192, "FastV")] == pytest.approx((1.0 + 325 / 400 + 1.0) / 3 * 100)
     assert avg[(G192, "Random")] == pytest.approx((1.0 + 8 / 9) / 2 * 100)  # over the two tasks it has
     assert table.marks.loc[(G192, "Random"), "Avg."] == "†"
-    assert (table.marks.drop(index=[(G192, "Random")]) == "").all().all()
+    assert (table.marks[["Avg.", "Agree."]].drop(index=[(G192, "Random")]) == "").all().all()
 
 
 def test_agreement_with_unpruned_answers(table):
@@ -98,7 +109,20 @@ def test_agreement_with_unpruned_answers(table):
     assert agree[(G_ALL, "Vanilla")] == pytest.approx(100.0)
 
 
-def test_bold_is_the_best_per_group(table):
+def test_rows_outside_the_compute_band_are_marked_and_not_compared(table):
+    # FastV prunes at layer 2 of the fixture's 8: (2 x 576 + 6 K) / 8 tokens, 288 for K = 192 (+50 %),
+    # 192 for K = 64 (+200 %): both outside 10 % of K; Random holds K exactly
+    tokens = table.frame["Tokens (eq.)"]
+    assert tokens.tolist() == pytest.approx([576.0, 288.0, 192.0, 192.0, 64.0])
+    marked = {row for row in table.frame.index if table.marks.loc[row, "Tokens (eq.)"] == "‡"}
+    assert marked == {(G192, "FastV"), (G64, "FastV")}
+    assert not table.bold.any().any()  # each group keeps one compared row: nothing to beat
+    assert any("within 10% of the group's K" in note and "‡ = outside the band" in note for note in table.notes)
+
+
+def test_bold_is_the_best_per_group(banded):
+    table = banded
+    assert (table.marks["Tokens (eq.)"] == "").all()
     bold = {(*row, col) for row in table.frame.index for col in table.frame.columns if table.bold.loc[row, col]}
     assert bold == {
         (G64, "FastV", "GQA"),
@@ -113,14 +137,19 @@ def test_bold_is_the_best_per_group(table):
     }
 
 
-def test_markdown_cells(table):
+def _md_rows(table) -> set[tuple[str, ...]]:
     md = render(table, "md")
-    rows = {tuple(c.strip() for c in line.strip("|").split("|")) for line in md.splitlines() if line.startswith("|")}
-    assert ("Retain 192 tokens (-66.7%)", "FastV", "**80.0**", "325.0", "**100.0**", "93.8%", "92.5%") in rows
-    assert ("", "Random", "**80.0**", "–", "88.9", "94.4%†", "95.0%†") in rows
-    assert ("Retain 64 tokens (-88.9%)", "FastV", "**70.0**", "150.0", "**80.0**", "68.3%", "**73.3%**") in rows
-    assert ("", "Random", "60.0", "**325.0**", "66.7", "**74.3%**", "69.2%") in rows
-    assert "† mean over the tasks of the row that have a value" in md
+    return {tuple(c.strip() for c in line.strip("|").split("|")) for line in md.splitlines() if line.startswith("|")}
+
+
+def test_markdown_cells(table, banded):
+    rows = _md_rows(banded)
+    assert ("Retain 192 tokens (-66.7%)", "FastV", "**80.0**", "325.0", "**100.0**", "93.8%", "92.5%", "192.0") in rows
+    assert ("", "Random", "**80.0**", "–", "88.9", "94.4%†", "95.0%†", "192.0") in rows
+    assert ("Retain 64 tokens (-88.9%)", "FastV", "**70.0**", "150.0", "**80.0**", "68.3%", "**73.3%**", "64.0") in rows
+    assert ("", "Random", "60.0", "**325.0**", "66.7", "**74.3%**", "69.2%", "64.0") in rows
+    assert "† mean over the tasks of the row that have a value" in render(banded, "md")
+    assert ("Retain 64 tokens (-88.9%)", "FastV", "70.0", "150.0", "80.0", "68.3%", "73.3%", "192.0‡") in _md_rows(table)
 
 
 def _balanced(latex: str) -> None:
@@ -132,16 +161,17 @@ def _balanced(latex: str) -> None:
     assert body[body.index(r"\bottomrule") - 1].endswith(r"\\")  # no rule right before \bottomrule
 
 
-def test_latex_booktabs_bold_and_missing(table):
-    latex = render(table, "latex")
+def test_latex_booktabs_bold_and_missing(table, banded):
+    latex = render(banded, "latex")
     _balanced(latex)
     assert (
-        r"Retain 64 tokens (-88.9\%) & FastV & \bfseries 70.0 & 150.0 & \bfseries 80.0 & 68.3\% & \bfseries 73.3\% \\"
+        r"Retain 64 tokens (-88.9\%) & FastV & \bfseries 70.0 & 150.0 & \bfseries 80.0 & 68.3\% & \bfseries 73.3\% & 64.0 \\"
         in latex
     )
-    assert r" & Random & \bfseries 80.0 & -- & 88.9 & 94.4\%$^\dagger$ & 95.0\%$^\dagger$ \\" in latex
+    assert r" & Random & \bfseries 80.0 & -- & 88.9 & 94.4\%$^\dagger$ & 95.0\%$^\dagger$ & 192.0 \\" in latex
     assert latex.count(r"\midrule") == 3  # under the header and between the three groups
     assert latex.count(r"\bfseries") == 8
+    assert r"& 73.3\% & 192.0$^\ddagger$ \\" in render(table, "latex")
 
 
 def test_latex_escapes_task_and_method_names(tmp_path):
@@ -155,11 +185,12 @@ def test_latex_escapes_task_and_method_names(tmp_path):
     assert r"0.250 & 50.0\%" in latex  # an unknown metric in [0, 1] keeps three decimals, shown as is
 
 
-def test_csv_and_html(table):
+def test_csv_and_html(table, banded):
     csv = pd.read_csv(io.StringIO(render(table, "csv")))
     row = csv[(csv["Budget"] == G192) & (csv["Method"] == "Random")].iloc[0]
     assert row["GQA"] == pytest.approx(80.0) and math.isnan(row["MME-P"]) and row["Avg."] == pytest.approx(850 / 9)
-    html = render(table, "html")
+    assert row["Tokens (eq.)"] == 192.0
+    html = render(banded, "html")
     assert html.count("<tr>") == 6 and "font-weight: bold" in html and ">–</td>" in html
 
 

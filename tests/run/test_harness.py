@@ -52,7 +52,7 @@ def test_run_writes_a_record_per_cell_with_metrics_and_provenance(tmp_path, pope
         assert {"pope_accuracy", "pope_f1_score"} <= set(rec.metrics)
         assert rec.provenance["versions"]["lmms_eval"] and rec.provenance["dtype"] == "float32"
         assert rec.provenance["seed"] == 0 and "run" in rec.provenance["command"]
-        assert set(rec.timing) == {"vision", "pruner", "prefill", "ttft", "decode_per_token"}
+        assert set(rec.timing) == {"vision", "pruner", "prefill", "ttft", "decode_per_token", "tflops"}
         samples = store.samples(rec.key)
         assert [s["doc_id"] for s in samples] == [0, 1, 2]
         assert all("pope_accuracy" in s["scores"] and isinstance(s["output"], str) for s in samples)
@@ -60,6 +60,50 @@ def test_run_writes_a_record_per_cell_with_metrics_and_provenance(tmp_path, pope
     assert recs[("random", "64")].visual_tokens == {"nominal": 64, "mean_kept": 64, "equivalent": 64, "original": 576}
     assert recs[("random", "64")].timing["pruner"] > 0 and recs[("none", "all")].timing["pruner"] == 0
     assert "Random" in capsys.readouterr().out  # the final table names the method
+
+
+def test_floor_controls_and_unreachable_cells(tmp_path, pope_file, capsys):
+    """In-LLM methods get their floor control; a budget a method's schedule cannot meet on this
+    4-layer model is not run but recorded with the reason, and the table shows both."""
+    args = run_args(tmp_path, pope_file, budgets="192,64")
+    args[args.index("--methods") + 1] = "none,random,fastv,pyramiddrop:layers=1/2/3"
+    assert main(args) == 0
+    store = ResultStore(tmp_path)
+    recs = {(r.key.method, r.key.budget): r for r in store.records()}
+    assert set(recs) == {("none", "all"), ("random", "192"), ("random", "64"), ("fastv", "192"), ("fastv", "64"),
+                         ("fastv", "floor"), ("pyramiddrop:layers=1/2/3", "192"), ("pyramiddrop:layers=1/2/3", "floor"),
+                         ("pyramiddrop:layers=1/2/3", "64")}
+    # layers before the first stage see all 576 visual tokens, then one survives: (2 x 576 + 2) / 4, (576 + 3) / 4
+    assert recs[("fastv", "floor")].visual_tokens["equivalent"] == 288.5
+    assert recs[("pyramiddrop:layers=1/2/3", "floor")].visual_tokens["equivalent"] == 144.75
+    unreachable = recs[("pyramiddrop:layers=1/2/3", "64")]
+    assert unreachable.kind == "unreachable" and not store.samples(unreachable.key)
+    assert "budget K=64 is below 144.8" in unreachable.provenance["reason"]
+    # prefill FLOPs at the tokens each layer saw
+    flops = {mb: r.timing["tflops"] for mb, r in recs.items() if r.kind == "eval"}
+    assert flops[("fastv", "floor")] < flops[("fastv", "64")] < flops[("fastv", "192")] < flops[("none", "all")]
+    assert flops[("random", "64")] < flops[("fastv", "floor")]
+    out = capsys.readouterr()
+    assert "not run pyramiddrop:layers=1/2/3 @ 64" in out.err.replace("\n", " ")
+    assert "Floor" in out.out and "Tokens (eq.)" in out.out
+    assert main([*run_args(tmp_path / "nofloor", pope_file), "--no-floor", "--methods", "none,fastv"]) == 0
+    assert {r.key.budget for r in ResultStore(tmp_path / "nofloor").records()} == {"all", "64"}
+
+
+def test_generated_task_on_a_redrawn_set_is_its_own_record(tmp_path, capsys):
+    redrawn = tmp_path / "pope-7.parquet"
+    assert main(["draw-task", "synth-pope", "--seed", "7", "--size", "4", "--out", str(redrawn)]) == 0
+    assert main(["draw-task", "synth-pope", "--seed", "7", "--size", "4", "--out", str(tmp_path / "x.csv")]) == 2
+    assert "write a .parquet file" in capsys.readouterr().err
+    base = ["run", "--tasks", "synth-pope", "--methods", "none", "--limit", "2", "--max-new-tokens", "2",
+            "--results", str(tmp_path / "store"), "--dtype", "float32", "--model", "random:tiny-llava"]
+    assert main([*base, "--task-data", f"synth-pope={redrawn}"]) == 0
+    assert main(base) == 0
+    recs = list(ResultStore(tmp_path / "store").records())
+    assert len(recs) == 2 and {r.key.task for r in recs} == {"synth-pope"}
+    assert len({r.key.inputs for r in recs}) == 2  # the file's digest is part of the key
+    questions = {r.key.inputs: [s["target"] for s in ResultStore(tmp_path / "store").samples(r.key)] for r in recs}
+    assert len(questions) == 2  # the re-drawn set is other questions on other images
 
 
 def test_rerun_skips_finished_cells_and_force_recomputes(tmp_path, pope_file):
@@ -164,7 +208,7 @@ def test_cells_reuse_the_vision_output_and_give_the_answers_of_a_run_without(tmp
         args[args.index("--methods") + 1] = "none,random,visionzip,fastv"
         assert main(args) == 0
         runs[mb] = {(r.key.method, r.key.budget): r for r in ResultStore(tmp_path / mb).records()}
-    assert len(runs["0"]) == 7 and runs["0"].keys() == runs["64"].keys()
+    assert len(runs["0"]) == 8 and runs["0"].keys() == runs["64"].keys()  # 7 + FastV's floor control
     for key, record in runs["64"].items():
         store = ResultStore(tmp_path / "64")
         without = ResultStore(tmp_path / "0")

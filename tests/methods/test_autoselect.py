@@ -133,7 +133,7 @@ def test_a_budget_without_a_shipped_checkpoint_is_refused_before_any_work(engine
 
     method = create_method("autoselect")
     with pytest.raises(CheckpointError, match=r"at the run's budget \(K = 100\); they ship for K = 64, 128\. Train one "
-                                              r"with `prunebench train autoselect --model builtin:tiny-llava .*--budget 100 "
+                                              r"with `prunebench train autoselect --model builtin:tiny-llava .*--budget 100 --drop 0.5 "
                                               r"--out DIR` and pass autoselect:ckpt=DIR, or use autoselect:shipped=sampled-k"):
         method.schedule(576, Budget.parse("100"), 4)  # what `prunebench run` checks before any cell
     with pytest.raises(MethodError, match="shipped= picks among the checkpoints shipped"):

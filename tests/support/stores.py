@@ -65,6 +65,7 @@ def _record(
     device: str = "cpu",
     dtype: str | None = None,
     limit: int | None = None,
+    stage: str | None = None,
 ) -> Record:
     provenance: dict[str, Any] = {"device": device}
     if dtype:
@@ -78,7 +79,7 @@ def _record(
         visual_tokens=tokens or {},
         timing=timing or {},
         provenance=provenance,
-        stage="none" if method == "none" else "pre",
+        stage=stage or ("none" if method == "none" else "pre"),
     )
 
 
@@ -210,11 +211,14 @@ EXAMPLE_METHODS = {
     "autoselect": ((0.99, 0.98, 0.965), 0.70, "pre"),
 }
 EXAMPLE_BUDGETS = ("192", "128", "64")
+EXAMPLE_FLOORS = {"fastv": 0.45}  # in-LLM methods' floor controls: kept fraction with one token after layer 2
 
 
-def _example_tokens(method: str, stage: str, k: int | None) -> dict[str, float]:
+def _example_tokens(method: str, stage: str, k: int | str | None) -> dict[str, float]:
     if k is None:
         return {"nominal": None, "mean_kept": 576, "equivalent": 576, "original": 576}
+    if k == "floor":
+        return {"nominal": 1, "mean_kept": 1, "equivalent": round((2 * 576 + 30) / 32, 1), "original": 576}
     # an in-LLM method at layer 2 of 32 still shows all 576 tokens to the first two layers
     equivalent = (2 * 576 + 30 * k) / 32 if method == "fastv" else k  # SparseVLM schedules average to K
     return {"nominal": k, "mean_kept": k, "equivalent": round(equivalent, 1), "original": 576}
@@ -282,7 +286,7 @@ def write_example_store(root: Path) -> ResultStore:
         (m, k, kept[j], pruner, stage)
         for m, (kept, pruner, stage) in EXAMPLE_METHODS.items()
         for j, k in enumerate(EXAMPLE_BUDGETS)
-    ]
+    ] + [(m, "floor", kept, EXAMPLE_METHODS[m][1], "llm") for m, kept in EXAMPLE_FLOORS.items()]
     base_right: dict[str, np.ndarray] = {}
     for task, metric, accuracy, n in EXAMPLE_TASKS:
         base = np.zeros(n, dtype=int)
@@ -290,7 +294,7 @@ def write_example_store(root: Path) -> ResultStore:
         base_right[task] = base
     for method, k, kept, pruner, stage in runs:
         budget = "all" if k is None else k
-        tokens = _example_tokens(method, stage, None if k is None else int(k))
+        tokens = _example_tokens(method, stage, k if k in (None, "floor") else int(k))
         for task, metric, _, n in EXAMPLE_TASKS:
             if (method, budget, task) == ("sparsevlm", "64", "textvqa_val"):
                 continue  # a cell left missing on purpose: the table must show it as "–"
@@ -311,8 +315,11 @@ def write_example_store(root: Path) -> ResultStore:
                     primary=metric,
                     n=n,
                     tokens=tokens,
+                    # prefill TFLOPs as the run records them: ~ the tokens each layer saw
+                    timing={"tflops": round(8.89 * (tokens["equivalent"] + 64) / 640, 2)},
                     device=FIXTURE_DEVICE,
                     dtype="bf16",
+                    stage=stage,
                 ),
                 samples,
             )

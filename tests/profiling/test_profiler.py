@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import pytest
 import support.methods  # noqa: F401  (registers the test methods)
 import torch
@@ -38,10 +37,8 @@ from prunebench.profiling.profiler import (
     DevicePeaks,
     ProfileSettings,
     measure_peaks,
-    peak_memory_bytes,
     plan_cells,
     profile_cells,
-    reset_peak_memory,
     synthetic_batch,
     timed_pass,
 )

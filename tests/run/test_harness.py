@@ -258,7 +258,7 @@ def test_cells_reuse_the_vision_output_and_give_the_answers_of_a_run_without(tmp
         args[args.index("--methods") + 1] = "none,random,visionzip,fastv"
         assert main(args) == 0
         runs[mb] = {(r.key.method, r.key.budget): r for r in ResultStore(tmp_path / mb).records()}
-    assert len(runs["0"]) == 7 and runs["0"].keys() == runs["64"].keys()
+    assert len(runs["0"]) == 8 and runs["0"].keys() == runs["64"].keys()  # FastV's floor control included
     for key, record in runs["64"].items():
         store = ResultStore(tmp_path / "64")
         without = ResultStore(tmp_path / "0")

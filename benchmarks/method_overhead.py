@@ -7,6 +7,8 @@
    from its forward (what ``output_attentions`` returns), pruning before layer K, then the rest.
 3. DivPrune vectorised against the loops it replaces: the official shape (per image, each pick
    re-reduces over every picked row) and a plain Python loop over the tokens.
+4. CDPruner's greedy DPP MAP, batched over images with incremental Cholesky rows, against a plain
+   Python loop over the tokens, for one image and for a batch of eight.
 
 Timings use one clock (perf_counter on CPU, CUDA events on a GPU) around the same code paths.
 """
@@ -17,6 +19,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from prunebench.engine.method import (
     create_method,
     parse_method_list,
 )
+from prunebench.methods.cdpruner import EXHAUSTED, conditional_dpp
 from prunebench.methods.divprune import cosine_distance, max_min_diverse
 from prunebench.models.loading import load_model
 from prunebench.profiling.profiler import DTYPES, device_name, synthetic_batch
@@ -52,19 +56,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="method specs (default: every registered method except test-*; learned ones "
                              "are listed as skipped unless given here with ckpt=DIR)")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens around the image (default: 64)")
-    parser.add_argument("--parts", default="overhead,fastv,divprune",
-                        help="which measurements to run: overhead, fastv, divprune (default: all)")
+    parser.add_argument("--parts", default="overhead,fastv,divprune,cdpruner",
+                        help="which measurements to run: overhead, fastv, divprune, cdpruner (default: all)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="reports/method_overhead_cpu.md", help="Markdown report path")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run (with its own command line) to the end of --out instead of replacing it")
 
 
 def main(args: argparse.Namespace) -> int:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"overhead", "fastv", "divprune"})
+    unknown = sorted(set(parts) - {"overhead", "fastv", "divprune", "cdpruner"})
     if unknown:
-        raise SystemExit(f"unknown --parts {unknown}; valid choices: overhead, fastv, divprune")
+        raise SystemExit(f"unknown --parts {unknown}; valid choices: overhead, fastv, divprune, cdpruner")
     if args.repeats < 1:
         raise SystemExit(f"--repeats {args.repeats}: need at least 1")
     try:
@@ -96,11 +102,16 @@ def main(args: argparse.Namespace) -> int:
     if "divprune" in parts:
         console.print("[bold]DivPrune: vectorised vs loops[/]")
         sections.append(divprune_section(bench, budgets))
+    if "cdpruner" in parts:
+        console.print("[bold]CDPruner: batched DPP vs a plain loop[/]")
+        sections.append(cdpruner_section(bench, budgets))
 
     text = "\n\n".join(sections) + "\n"
     console.print(Markdown(text))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.exists():
+        text = out.read_text() + "\n" + text.replace("# Method overhead", "# Method overhead: a further run", 1)
     out.write_text(text)
     console.print(f"written: {out}")
     return 0
@@ -116,8 +127,8 @@ class Bench:
     def __init__(self, engine: PruningEngine, inputs: dict, repeats: int, warmup: int):
         self.engine, self.inputs, self.repeats, self.warmup = engine, inputs, repeats, warmup
 
-    def median(self, fn: Callable[[StageClock], object], stages: tuple[str, ...]) -> dict[str, float]:
-        """Median ms of the sum of ``stages`` per run, and of each stage, over the timed repeats."""
+    def runs(self, fn: Callable[[StageClock], object]) -> list[dict[str, float]]:
+        """ms per stage of each timed repeat, after the warm-up runs."""
         for _ in range(self.warmup):
             fn(StageClock(self.engine.device))
         runs = []
@@ -125,8 +136,13 @@ class Bench:
             clock = StageClock(self.engine.device)
             fn(clock)
             runs.append(clock.summary())
+        return runs
+
+    def median(self, fn: Callable[[StageClock], object], stages: tuple[str, ...]) -> dict[str, float]:
+        """Median ms of the sum of ``stages`` per run, and of each stage, over the timed repeats."""
+        runs = self.runs(fn)
         out = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in {k for r in runs for k in r}}
-        out["total"] = statistics.median(sum(r.get(s, 0.0) for s in stages) for r in runs)
+        out["total"] = statistics.median(totals(runs, stages))
         return out
 
     @torch.inference_mode()
@@ -183,41 +199,62 @@ def fastv_section(bench: Bench, budgets: list[int], spec: str = "fastv") -> str:
     title = "## FastV: engine (SDPA + one recomputed attention row) vs official eager\n\n"
     if spec.partition(":")[0] not in available_methods():
         return title + f"skipped: no method named {spec!r} is registered (methods/fastv.py is not built yet)."
-    model = bench.engine.model
     rows = []
     for k in budgets:
-        method = create_method(spec)
-        state = {}
-
-        def ours(clock, method=method, k=k, state=state):
-            state["ours"] = bench.prefill(method, k, clock)
-
-        t_ours = bench.median(ours, ("pruner", "prefill"))
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")
-        try:
-            def official(clock, method=method, k=k, state=state):
-                state["official"] = fastv_eager_prefill(bench, method.layer, k, method.positions, clock)
-
-            t_eager = bench.median(official, ("prefill",))
-        finally:
-            model.set_attn_implementation(previous)
-        kept_ours = sorted(state["ours"].layout.visual_id[0][state["ours"].layout.visual_id[0] >= 0].tolist())
-        kept_eager, logits_eager = state["official"]
-        same = kept_ours == kept_eager
-        close = torch.allclose(state["ours"].logits.float(), logits_eager.float(), atol=1e-3, rtol=1e-3)
-        ratio = t_ours["total"] / t_eager["total"]
-        rows.append([method.spec(), str(k), f"{t_eager['total']:.1f}", f"{t_ours['total']:.1f}", f"{ratio:.2f}",
-                     "yes" if ratio <= FASTV_TARGET else "no", "yes" if same else "NO", "yes" if close else "NO"])
+        pair = compare_fastv(bench, spec, k)
+        ours, eager = statistics.median(pair.ours), statistics.median(pair.eager)
+        ratio = ours / eager
+        rows.append([pair.spec, str(k), f"{eager:.1f}", f"{ours:.1f}", f"{ratio:.2f}",
+                     "yes" if ratio <= FASTV_TARGET else "no", "yes" if pair.same_kept else "NO",
+                     "yes" if pair.same_logits else "NO"])
     return title + markdown_table(
         ["method", "K", "official eager prefill ms", "engine prefill ms", "ratio", f"<= {FASTV_TARGET}",
          "same kept set", "same logits"], rows
-    ) + (
-        "\n\nPrefill = decoder layers + pruning + lm_head for one prompt (vision tower excluded in both). "
-        "Official way: the model switched to eager attention, layers run in order with a KV cache, layer "
-        "K-1's attention maps taken from its forward, the last token's row averaged over heads ranks the "
-        "image tokens, the top K keep their original positions, layers K.. run on the rest."
-    )
+    ) + "\n\n" + FASTV_NOTE
+
+
+FASTV_NOTE = (
+    "Prefill = decoder layers + pruning + lm_head for one prompt (vision tower excluded in both). "
+    "Official way: the model switched to eager attention, layers run in order with a KV cache, layer "
+    "K-1's attention maps taken from its forward, the last token's row averaged over heads ranks the "
+    "image tokens, the top K keep their original positions, layers K.. run on the rest."
+)
+
+
+@dataclass
+class FastVPair:
+    spec: str
+    ours: list[float]  # ms per timed repeat: pruner + prefill on the engine
+    eager: list[float]  # ms per timed repeat: prefill the official way
+    same_kept: bool
+    same_logits: bool
+
+
+def compare_fastv(bench: Bench, spec: str, k: int) -> FastVPair:
+    """FastV at budget ``k`` on the engine and the official eager way (LLaVA-1.5 layouts: one image,
+    1-D positions), timed alike, with whether both keep the same tokens and give the same logits."""
+    model = bench.engine.model
+    method = create_method(spec)
+    state = {}
+
+    def ours(clock):
+        state["ours"] = bench.prefill(method, k, clock)
+
+    ours_runs = totals(bench.runs(ours), ("pruner", "prefill"))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        def official(clock):
+            state["official"] = fastv_eager_prefill(bench, method.layer, k, method.positions, clock)
+
+        eager_runs = totals(bench.runs(official), ("prefill",))
+    finally:
+        model.set_attn_implementation(previous)
+    layout = state["ours"].layout
+    kept_ours = sorted(layout.visual_id[0][layout.visual_id[0] >= 0].tolist())
+    kept_eager, logits_eager = state["official"]
+    close = torch.allclose(state["ours"].logits.float(), logits_eager.float(), atol=1e-3, rtol=1e-3)
+    return FastVPair(method.spec(), ours_runs, eager_runs, kept_ours == kept_eager, close)
 
 
 @torch.inference_mode()
@@ -251,7 +288,7 @@ def fastv_eager_prefill(bench: Bench, layer: int, k: int, positions_policy: str,
                                   dtype=hidden.dtype).triu(1)[None, None]
                 hidden = block(hidden, attention_mask=mask, position_ids=positions[None],
                                position_embeddings=adapter.decoder.rotary_emb(hidden, positions[None]),
-                               past_key_values=cache, use_cache=True)
+                               use_cache=True, **{bench.engine.cache_argument: cache})
             logits = adapter.lm_head(adapter.decoder.norm(hidden[:, -1:]))[:, -1]
     finally:
         hook.remove()
@@ -263,25 +300,11 @@ def fastv_eager_prefill(bench: Bench, layer: int, k: int, positions_policy: str,
 
 
 def divprune_section(bench: Bench, budgets: list[int]) -> str:
-    adapter = bench.engine.adapter
-    with torch.inference_mode():
-        features = adapter.project(adapter.encode_images(bench.inputs["pixel_values"]).features)
-    variants = {
-        "vectorised": lambda k: max_min_diverse(features, k)[0],
-        "official": lambda k: official_shape_loop(features[0], k),
-        "python": lambda k: plain_python_loop(features[0], k),
-    }
+    features = projected_features(bench)
     rows = []
     for k in budgets:
-        times, picks = {}, {}
-        for name, fn in variants.items():
-            def once(clock, fn=fn, name=name, k=k, picks=picks):
-                with clock("select"):
-                    out = fn(k)
-                picks[name] = sorted(int(i) for i in out)
-
-            times[name] = bench.median(once, ("select",))["total"]
-        same = picks["vectorised"] == picks["official"] == picks["python"]
+        runs, same = time_divprune(bench, features, k)
+        times = {name: statistics.median(values) for name, values in runs.items()}
         rows.append([str(k), f"{times['vectorised']:.2f}", f"{times['official']:.2f}", f"{times['python']:.1f}",
                      f"{times['vectorised'] / times['official']:.3f}", f"{times['vectorised'] / times['python']:.4f}",
                      "yes" if same else "NO"])
@@ -289,11 +312,39 @@ def divprune_section(bench: Bench, budgets: list[int]) -> str:
     return f"## DivPrune selection: N={n} tokens of width {width}, one image (median ms)\n\n" + markdown_table(
         ["K", "vectorised ms", "official-shape loop ms", "plain Python loop ms", "ratio vs official-shape",
          "ratio vs plain Python", "same picks"], rows
-    ) + (
-        "\n\nAll three include the cosine-distance matrix. Official shape: one Python step per pick that "
-        "re-reduces the min over every picked row, one image at a time (as vbdi/divprune does). Plain "
-        "Python: a loop over the tokens on Python floats, keeping a running min per token."
-    )
+    ) + "\n\n" + DIVPRUNE_NOTE
+
+
+DIVPRUNE_NOTE = (
+    "All three include the cosine-distance matrix. Official shape: one Python step per pick that "
+    "re-reduces the min over every picked row, one image at a time (as vbdi/divprune does). Plain "
+    "Python: a loop over the tokens on Python floats, keeping a running min per token."
+)
+
+
+@torch.inference_mode()
+def projected_features(bench: Bench) -> torch.Tensor:
+    """The prompt's image tokens after the projector, ``(1, N, D)``: what DivPrune selects among."""
+    engine, x = bench.engine, bench.inputs
+    return engine.encode_images(x["pixel_values"], image_inputs=engine.adapter.image_inputs(x)).embeds
+
+
+def time_divprune(bench: Bench, features: torch.Tensor, k: int) -> tuple[dict[str, list[float]], bool]:
+    """ms per timed repeat of each DivPrune variant at ``k``, and whether all three pick the same tokens."""
+    variants = {
+        "vectorised": lambda: max_min_diverse(features, k)[0],
+        "official": lambda: official_shape_loop(features[0], k),
+        "python": lambda: plain_python_loop(features[0], k),
+    }
+    runs, picks = {}, {}
+    for name, fn in variants.items():
+        def once(clock, fn=fn, name=name):
+            with clock("select"):
+                out = fn()
+            picks[name] = sorted(int(i) for i in out)
+
+        runs[name] = totals(bench.runs(once), ("select",))
+    return runs, picks["vectorised"] == picks["official"] == picks["python"]
 
 
 @torch.inference_mode()
@@ -333,7 +384,78 @@ def plain_python_loop(features: torch.Tensor, k: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# 4. CDPruner: batched greedy DPP vs a plain loop
+
+
+def cdpruner_section(bench: Bench, budgets: list[int], batch: int = 8) -> str:
+    adapter = bench.engine.adapter
+    with torch.inference_mode():
+        features = adapter.project(adapter.encode_images(bench.inputs["pixel_values"]).features)
+    generator = torch.Generator().manual_seed(0)  # the selection's cost does not depend on the relevance values
+    many = features.expand(batch, -1, -1) + 0.01 * torch.randn(batch, *features.shape[1:], generator=generator).to(features)
+    relevance = torch.rand(batch, features.shape[1], generator=generator).to(features.device)
+    mask = torch.ones_like(relevance, dtype=torch.bool)
+
+    def batched(k: int, b: int) -> list[list[int]]:
+        return conditional_dpp(many[:b], relevance[:b], mask[:b], k).tolist()
+
+    def loop(k: int, b: int) -> list[list[int]]:
+        return [plain_python_dpp(many[i], relevance[i], k) for i in range(b)]
+
+    rows = []
+    for k in budgets:
+        times, picks = {}, {}
+        for name, fn, b in (("one", batched, 1), ("many", batched, batch), ("loop", loop, 1)):
+            def once(clock, fn=fn, name=name, k=k, b=b, picks=picks):
+                with clock("select"):
+                    picks[name] = [sorted(p) for p in fn(k, b)]
+
+            times[name] = bench.median(once, ("select",))["total"]
+        same = picks["one"] == picks["loop"] == picks["many"][:1]
+        rows.append([str(k), f"{times['one']:.2f}", f"{times['many']:.2f}", f"{times['many'] / batch:.2f}",
+                     f"{times['loop']:.1f}", f"{times['one'] / times['loop']:.4f}", "yes" if same else "NO"])
+    n, width = features.shape[1:]
+    return f"## CDPruner selection: N={n} tokens of width {width} (median ms)\n\n" + markdown_table(
+        ["K", "batched, 1 image", f"batched, {batch} images", "per image", "plain Python loop, 1 image",
+         "ratio batched / loop (1 image)", "same picks"], rows
+    ) + (
+        "\n\nAll include the kernel diag(r) S diag(r) from the projected tokens and a given relevance r. "
+        "Batched: methods/cdpruner.py, one step per pick for every image at once, each step one Cholesky "
+        "row over all tokens (no host synchronisation). Plain Python: per pick, a loop over the tokens on "
+        f"Python floats (one image; {batch} images take {batch} times as long). The {batch} images are the "
+        "image's tokens with 1% noise each."
+    )
+
+
+@torch.inference_mode()
+def plain_python_dpp(features: torch.Tensor, relevance: torch.Tensor, k: int) -> list[int]:
+    """CDPruner's greedy MAP as plain Python loops over the tokens (kernel entries as Python floats)."""
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    r = relevance.float()
+    kernel = (r[:, None] * (unit @ unit.T) * r[None]).tolist()
+    n = len(kernel)
+    gains = [kernel[i][i] for i in range(n)]
+    rows: list[list[float]] = []
+    picks: list[int] = []
+    for _ in range(k):
+        best = max((i for i in range(n) if i not in picks), key=gains.__getitem__)
+        if gains[best] <= EXHAUSTED:
+            raise ValueError("the kernel's rank is below K; choose a wider model or a smaller K")
+        root = gains[best] ** 0.5
+        row = [(kernel[best][i] - sum(c[best] * c[i] for c in rows)) / root for i in range(n)]
+        rows.append(row)
+        picks.append(best)
+        gains = [g - e * e for g, e in zip(gains, row)]
+    return picks
+
+
+# ---------------------------------------------------------------------------------------------
 # report
+
+
+def totals(runs: list[dict[str, float]], stages: tuple[str, ...]) -> list[float]:
+    """Per run, the ms summed over ``stages``."""
+    return [sum(run.get(stage, 0.0) for stage in stages) for run in runs]
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -95,7 +95,9 @@ def _ideal_prefill(engine: PruningEngine, embeds: torch.Tensor) -> float:
     """ms of HF's own decoder forward (SDPA, KV cache on) + lm_head on the last token."""
     adapter = engine.adapter
     start = time.perf_counter()
-    out = adapter.decoder(inputs_embeds=embeds, past_key_values=DynamicCache(config=adapter.decoder.config), use_cache=True)
+    # the decoder's cache argument was renamed with its layers' (engine.cache_argument)
+    out = adapter.decoder(inputs_embeds=embeds, use_cache=True,
+                          **{engine.cache_argument: DynamicCache(config=adapter.decoder.config)})
     adapter.lm_head(out.last_hidden_state[:, -1:])
     return 1000 * (time.perf_counter() - start)
 

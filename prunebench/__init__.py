@@ -26,6 +26,7 @@ _EXPORTS = {
     "available_methods": "prunebench.engine.method",
     "PositionPolicy": "prunebench.engine.sequence",
     "StageContext": "prunebench.engine.signals",
+    "SignalUnavailableError": "prunebench.engine.signals",
     "PruningEngine": "prunebench.engine.generate",
     "DecodeConfig": "prunebench.engine.generate",
     "Budget": "prunebench.budget",
@@ -34,6 +35,7 @@ _EXPORTS = {
     "MethodError": "prunebench.errors",
     "UserError": "prunebench.errors",
     "load_model": "prunebench.models.loading",
+    "load_clip_space": "prunebench.models.clip_text",
     "CheckpointSelector": "prunebench.training.selectors",
 }
 __all__ = [
@@ -47,12 +49,14 @@ __all__ = [
     "PositionPolicy",
     "PruningEngine",
     "Selection",
+    "SignalUnavailableError",
     "Stage",
     "StageContext",
     "UserError",
     "available_methods",
     "create_method",
     "layer_averaged_counts",
+    "load_clip_space",
     "load_model",
     "register_method",
 ]
@@ -70,8 +74,9 @@ if TYPE_CHECKING:
         register_method,
     )
     from prunebench.engine.sequence import PositionPolicy
-    from prunebench.engine.signals import StageContext
+    from prunebench.engine.signals import SignalUnavailableError, StageContext
     from prunebench.errors import MethodError, UserError
+    from prunebench.models.clip_text import load_clip_space
     from prunebench.models.loading import load_model
     from prunebench.training.selectors import CheckpointSelector
 

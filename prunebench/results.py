@@ -1,28 +1,35 @@
-"""The results store: one JSON record per (model, method + options, budget, task, limit).
+"""The results store: one JSON record per (model, method + options, budget, task, limit, inputs).
 
 Layout::
 
     results/<model>/<task>/<method-slug>__<budget>__<limit>__<hash>.json    the record
     results/<model>/<task>/<method-slug>__<budget>__<limit>__<hash>.jsonl   one line per sample
+    results/<model>/<task>/<method-slug>__<budget>__<limit>__<hash>.lock    while a run computes it
 
-Records are written atomically (temp file + rename), so a killed run never leaves half a record,
-and a finished record is never recomputed unless asked (resume). A lock file per record keeps two
-runs sharing a store from computing the same record twice.
+``inputs`` is a digest of the contents behind the cell (model files, prompt format, task data,
+checkpoints, decoding settings): a changed input is a new record, never a stale one. Records are
+written atomically (temp file + rename), so a killed run never leaves half a record, and a finished
+record is never recomputed unless asked (resume). A lock file per record keeps two runs sharing a
+store from computing the same record twice; a lock whose run has ended (same host, dead or reused
+pid) or whose heartbeat has stopped is taken over.
 """
 
 from __future__ import annotations
 
 import hashlib
+import datetime
+import importlib.metadata
 import json
 import os
-import importlib.metadata
 import platform
 import re
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +46,10 @@ class StoreError(UserError, OSError):
     pass
 
 
+class RecordError(StoreError):
+    """A record or samples file that cannot be read (truncated, edited, another schema): named."""
+
+
 @dataclass(frozen=True)
 class RecordKey:
     model: str
@@ -47,9 +58,13 @@ class RecordKey:
     task: str
     limit: int | None = None  # samples evaluated; None = the whole task
     setting: str | None = None  # what else makes a cell distinct (a profile's dtype, batch, prompt length)
+    inputs: str | None = None  # digest of the contents behind the cell (prunebench.run.inputs); None: none
 
     def stem(self) -> str:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        fields = asdict(self)
+        if fields["inputs"] is None:  # keys without inputs (profile records) hash their other fields only
+            del fields["inputs"]
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         limit = "full" if self.limit is None else f"n{self.limit}"
         return f"{slug(self.method)}__{slug(self.budget)}__{limit}__{digest}"
 
@@ -97,26 +112,26 @@ class ResultStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
-    def check_writable(self) -> None:
-        """Fail before any work if the store cannot be written."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
-                pass
-        except OSError as err:
-            raise StoreError(f"results directory {str(self.root)!r} is not writable: {err.strerror}") from None
+    def check_writable(self, keys: list[RecordKey] = ()) -> None:
+        """Fail before any work if the store, or the folder of any of ``keys``, cannot be written.
+        Creates nothing: a folder that does not exist yet is checked through its nearest parent."""
+        for folder in dict.fromkeys([self.root, *(self.root / key.folder() for key in keys)]):
+            check_writable_folder(folder, "results directory")
 
     def record_path(self, key: RecordKey) -> Path:
-        return self.root / key.folder() / f"{key.stem()}.json"
+        return inside(self.root, key.folder() / f"{key.stem()}.json")
 
     def samples_path(self, key: RecordKey) -> Path:
         return self.record_path(key).with_suffix(".jsonl")
+
+    def lock_path(self, key: RecordKey) -> Path:
+        return self.record_path(key).with_suffix(".lock")
 
     def has(self, key: RecordKey) -> bool:
         return self.record_path(key).exists()
 
     def load(self, key: RecordKey) -> Record:
-        return Record.from_json(json.loads(self.record_path(key).read_text()))
+        return read_record(self.record_path(key))
 
     def write(self, record: Record, samples: list[dict[str, Any]] | None = None) -> Path:
         """Write the samples, then the record (the record's presence marks the cell finished)."""
@@ -131,50 +146,220 @@ class ResultStore:
         path = self.samples_path(key)
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise RecordError(f"{path} line {number} is not valid JSON ({err.msg}); delete the file and its "
+                                      f"record {path.with_suffix('.json').name}, or rerun the cell with --force") from None
+        return rows
 
     def records(self) -> Iterator[Record]:
-        for path in sorted(self.root.glob("*/*/*.json")):
-            yield Record.from_json(json.loads(path.read_text()))
+        """Every record; the first unreadable file raises RecordError naming it (``scan`` skips them)."""
+        for path in self._record_paths():
+            yield read_record(path)
+
+    def scan(self) -> tuple[list[Record], list[RecordError]]:
+        """Every readable record, and one error per record file that cannot be read."""
+        records, bad = [], []
+        for path in self._record_paths():
+            try:
+                records.append(read_record(path))
+            except RecordError as err:
+                bad.append(err)
+        return records, bad
+
+    def _record_paths(self) -> list[Path]:
+        return sorted(self.root.glob("*/*/*.json"))
 
     # -- claiming a cell so two runs sharing a store do not compute it twice ------------------
-    def claim(self, key: RecordKey) -> bool:
-        """Take the lock for ``key``; False if another live run holds it. Stale locks are taken over."""
-        lock = self.record_path(key).with_suffix(".lock")
+    def claim(self, key: RecordKey, force: bool = False) -> Claim:
+        """Take the lock for ``key``. A stale lock (its run ended on this host, its pid now names
+        another process, or no heartbeat for STALE_AFTER_S) is taken over, as is a live one with
+        ``force``; otherwise the claim fails and names the holder."""
+        lock = self.lock_path(key)
         lock.parent.mkdir(parents=True, exist_ok=True)
-        owner = f"{socket.gethostname()}:{os.getpid()}"
-        for _ in range(2):
+        notice, holder = None, None
+        for _ in range(3):
+            if _create_lock(lock, LockOwner.current()):
+                return Claim(True, lock, holder, notice)
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not _stale(lock):
-                    return False
-                lock.unlink(missing_ok=True)
+                raw, age = lock.read_text(), time.time() - lock.stat().st_mtime
+            except FileNotFoundError:  # released meanwhile
                 continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(owner)
-            return True
-        return False
+            holder = LockOwner.parse(raw)
+            why = _stale_reason(holder, age)
+            if why is None and not force:
+                return Claim(False, lock, holder)
+            notice = (f"took over the lock {lock} ({why})" if why else
+                      f"--force: took over the lock {lock} held by {holder.describe()}, a live run")
+            try:
+                if lock.read_text() == raw:  # not replaced meanwhile by a run taking it over first
+                    lock.unlink()
+            except FileNotFoundError:
+                pass
+        return Claim(False, lock, holder)
 
     def release(self, key: RecordKey) -> None:
-        self.record_path(key).with_suffix(".lock").unlink(missing_ok=True)
+        """Remove the lock for ``key`` if this process holds it (another may have taken it over).
+        A signal arriving meanwhile (SIGTERM, Ctrl-C) does not leave it behind."""
+        try:
+            self._release(key)
+        except BaseException:
+            self._release(key)
+            raise
+
+    def _release(self, key: RecordKey) -> None:
+        lock = self.lock_path(key)
+        try:
+            if LockOwner.parse(lock.read_text()) == LockOwner.current():
+                lock.unlink()
+        except FileNotFoundError:
+            pass
+
+    @contextmanager
+    def heartbeat(self, key: RecordKey) -> Iterator[None]:
+        """Touch the lock of ``key`` every HEARTBEAT_S while the block runs, so that runs on other
+        hosts see it is alive (they take over a lock untouched for STALE_AFTER_S)."""
+        lock, stop = self.lock_path(key), threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                try:
+                    os.utime(lock)
+                except OSError:
+                    return
+
+        thread = threading.Thread(target=beat, name="prunebench-lock-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
 
-def _stale(lock: Path) -> bool:
-    """A lock is stale when its owner ran on this host and is no longer alive."""
+# -- locks ------------------------------------------------------------------------------------
+HEARTBEAT_S = 30.0  # a run holding a lock touches it this often
+STALE_AFTER_S = 600.0  # a lock untouched this long is stale, whichever host holds it
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    """Who holds a lock: host, pid and that process's start time (a reused pid has another)."""
+
+    host: str
+    pid: int
+    started: str | None  # Linux: /proc/PID/stat start time in clock ticks since boot; None elsewhere
+    since: str = field(default="", compare=False)  # when the lock was taken
+
+    @classmethod
+    def current(cls) -> LockOwner:
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()),
+                   time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    @classmethod
+    def parse(cls, text: str) -> LockOwner | None:
+        try:
+            data = json.loads(text)
+            return cls(str(data["host"]), int(data["pid"]), data.get("started"), str(data.get("since", "")))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host}" + (f" since {self.since}" if self.since else "")
+
+
+@dataclass
+class Claim:
+    """The outcome of ``ResultStore.claim``: whether this run holds the cell's lock now."""
+
+    acquired: bool
+    lock: Path
+    holder: LockOwner | None = None  # the run holding it (not acquired), or whose lock was taken over
+    notice: str | None = None  # one line saying a lock was taken over
+
+
+def _create_lock(lock: Path, owner: LockOwner) -> bool:
+    """Create ``lock`` holding ``owner``, atomically and complete (written aside, then linked):
+    False if it exists."""
+    fd, tmp = tempfile.mkstemp(dir=lock.parent, prefix=f".{lock.name}.", suffix=".tmp")
     try:
-        host, pid = lock.read_text().rsplit(":", 1)
-    except (OSError, ValueError):
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"host": owner.host, "pid": owner.pid, "started": owner.started, "since": owner.since}, handle)
+        os.link(tmp, lock)
         return True
-    if host != socket.gethostname():
+    except FileExistsError:
         return False
+    finally:
+        os.unlink(tmp)
+
+
+def _stale_reason(holder: LockOwner | None, age: float) -> str | None:
+    """Why a lock is stale, or None if its run may be alive."""
+    if holder is None:
+        return "it is not a prunebench lock"
+    if age > STALE_AFTER_S:
+        return f"{holder.describe()}, no heartbeat for {age:.0f} s"
+    if holder.host != socket.gethostname():
+        return None
     try:
-        os.kill(int(pid), 0)
+        os.kill(holder.pid, 0)
     except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+        return f"{holder.describe()} has ended"
+    except PermissionError:  # alive, another user's
+        pass
+    started = _process_start(holder.pid)
+    if holder.started and started and started != holder.started:
+        return f"{holder.describe()} has ended; the pid now names another process"
+    return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # fields after the command name start at field 3
+
+
+# -- paths ------------------------------------------------------------------------------------
+def inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
+    """``root / relative``, refused unless it stays inside ``root`` (slugs make that so; this
+    guards every path the store and the report write)."""
+    root = Path(root)
+    path = root / relative
+    base, full = os.path.normpath(os.path.abspath(root)), os.path.normpath(os.path.abspath(path))
+    if os.path.commonpath([base, full]) != base or full == base:
+        raise StoreError(f"refusing to write {str(path)!r}: it is not inside {str(root)!r}")
+    return path
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a folder that cannot be created or written, creating nothing: every existing part of
+    the path must be a folder, and the deepest existing one must take a new file."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StoreError(f"{what} {str(folder)!r} is not writable: {str(existing)!r} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise StoreError(f"{what} {str(folder)!r} is not writable: {err.strerror} ({str(existing)!r})") from None
+
+
+def read_record(path: Path) -> Record:
+    try:
+        return Record.from_json(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        reason = str(err) or type(err).__name__
+        raise RecordError(f"{path} is not a readable record ({reason}); delete it, or rerun its cell with --force") from None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -191,7 +376,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text.replace("/", "__").replace("%", "pct")).strip("-") or "x"
+    """A file or folder name for ``text``: never empty, ``.``, ``..``, hidden, or holding a separator."""
+    name = re.sub(r"[^A-Za-z0-9._=-]+", "-", text.replace("/", "__").replace("%", "pct")).strip("-") or "x"
+    return f"_{name}" if name.startswith(".") else name
 
 
 def _plain(value: Any) -> Any:
@@ -237,7 +424,7 @@ def provenance(*, device: str, dtype: str, command: str, **extra: Any) -> dict[s
         "dtype": dtype,
         "command": command,
         "host": socket.gethostname(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="microseconds"),  # orders records
         **extra,
     }
 

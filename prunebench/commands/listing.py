@@ -45,9 +45,14 @@ def model_table() -> Table:
     table = Table(title="models")
     table.add_column("name", style="bold")
     table.add_column("what")
+    from prunebench.models.loading import ARCHITECTURES, BACKBONES
+
     for name in BUILTIN_RANDOM:
         table.add_row(name, "LLaVA-1.5 geometry at toy width, random weights, built in code")
-    table.add_row("<hub id | local dir>", "any LlavaForConditionalGeneration checkpoint in the local HF cache")
+    for name in BACKBONES:
+        table.add_row(name, "that family's structure at toy width, random weights, its own processor, built in code")
+    table.add_row("<hub id | local dir>", f"a checkpoint of {', '.join(ARCHITECTURES)}; downloaded on demand "
+                  "(HF_HUB_OFFLINE=1: the local cache only); --revision picks a branch, tag or commit")
     from prunebench.profiling.presets import preset_names
 
     for name in preset_names():

@@ -7,16 +7,21 @@ import shlex
 import sys
 from collections.abc import Callable
 
-from prunebench.models.backbones import BUILTIN as BUILTIN_BACKBONES
+from prunebench.models.loading import BACKBONES as BUILTIN_BACKBONES
 from prunebench.models.tiny import BUILTIN_RANDOM
 from prunebench.profiling.presets import preset_names
-from prunebench.profiling.profiler import DTYPES, ProfileRequest, ProfileSettings, profile
+from prunebench.profiling.profiler import (
+    DTYPES,
+    ProfileRequest,
+    ProfileSettings,
+    profile,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="random:mid-llava",
                         help=", ".join([*BUILTIN_RANDOM, *BUILTIN_BACKBONES]) + ", a preset (" + ", ".join(preset_names()) +
-                        "; random weights), or a LLaVA / LLaVA-NeXT / Qwen-VL hub id or local directory")
+                        "; random weights), or a hub id or local directory of a supported family")
     parser.add_argument("--methods", default="none,random", help="method list, e.g. 'random:seed=1,fastv:layer=3'")
     parser.add_argument("--budgets", default="192,128,64", help="visual tokens kept: counts, fractions (0.25, 25%%) or 'all'")
     parser.add_argument("--random-weights", action="store_true",
@@ -28,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text tokens around the image")
     parser.add_argument("--image-size", type=_image_size, default=ProfileSettings.image_size, metavar="HxW",
                         help="the synthetic image, height x width px (default 672x672); sets the visual tokens of "
-                        "LLaVA-NeXT and Qwen-VL (Qwen-VL rounds its sides to multiples of 28 px; LLaVA-1.5 resizes any "
-                        "image to 336x336)")
+                        "every backbone but LLaVA-1.5, which resizes any image to 336x336 (Qwen-VL rounds its sides to "
+                        "multiples of 28 px, 32 on Qwen3-VL; InternVL and SmolVLM cut it into tiles)")
     parser.add_argument("--warmup", type=_at_least(0), default=ProfileSettings.warmup)
     parser.add_argument("--repeats", type=_at_least(1), default=ProfileSettings.repeats)
     parser.add_argument("--decode-tokens", type=_at_least(1), default=ProfileSettings.decode_tokens,

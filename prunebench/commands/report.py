@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     parser.add_argument("--stats", action="store_true", help="also print the statistics table on the console")
     parser.add_argument("--no-plots", action="store_true", help="do not draw plots with --out")
+    parser.add_argument("--reference", action="store_true",
+                        help="also compare each cell with the numbers papers publish for it (prunebench/references)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse a store holding an unreadable record file (default: skip it with a warning)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -42,5 +46,5 @@ def main(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format, tuple(FORMATS) if args.out else ())
     write_report(ResultStore(args.results), args.model, args.limit, formats, args.out,
                  tuple(args.compare) if args.compare else None, args.bootstrap, args.seed, args.stats,
-                 not args.no_plots, console)
+                 not args.no_plots, console, args.reference, args.strict)
     return 0

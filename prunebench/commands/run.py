@@ -18,6 +18,9 @@ from prunebench.run.harness import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local dir, or built-in name (default {DEFAULT_MODEL})")
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (part of the records' model name)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the checkpoint run its own Python code (off by default; the supported families need none)")
     parser.add_argument("--methods", default=None,
                         help=f"comma list, options as name:key=value (default on {DEFAULT_MODEL}: {BUILTIN_METHODS}; "
                              f"on other models: {TRAINING_FREE_METHODS})")

@@ -35,10 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny-llava: also save the model as it is before the language stage in DIR")
     parser.add_argument("--from-handover", type=Path, default=None, metavar="DIR",
                         help="tiny-llava: run only the language stage, from a state saved with --handover")
-    parser.add_argument("--model", default="random:tiny-llava", help="hub id or local dir (local cache only), builtin:tiny-llava or random:tiny-llava")
+    parser.add_argument("--model", default="random:tiny-llava", help="hub id (downloaded on demand) or local dir, builtin:tiny-llava or random:tiny-llava")
     parser.add_argument("--data", default="synthetic",
                         help="a .jsonl/.parquet of image + caption (or question + answer), a Hugging Face dataset id "
-                             "in the local cache, or synthetic[:N] (questions about the built-in tasks' world, drawn in code)")
+                             "(downloaded on demand), or synthetic[:N] (questions about the built-in tasks' world, drawn in code)")
     parser.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
     parser.add_argument("--columns", default="", metavar="ROLE=COL,...",
                         help="column names when not guessed: image=..,caption=.. or image=..,question=..,answer=..")

@@ -13,6 +13,20 @@ new engine. Wired backbones:
   token's vision features are its four patches' features side by side (``4 * d_v``). Positions
   are 3-D M-RoPE ids from the model's own ``get_rope_index``. Token counts vary per image, so a
   fraction budget (``25%``) is the natural form.
+- ``Qwen3VLForConditionalGeneration``: as Qwen2-VL (no window attention, a LayerNorm-per-patch
+  merger), plus DeepStack: three more mergers turn early vision blocks into tokens the model adds
+  to the outputs of decoder layers 0-2 at the image slots (``VisionOutput.deepstack``; the engine
+  adds each kept token's own rows).
+- ``InternVLForConditionalGeneration`` (InternVL 3 / 3.5): InternViT per tile, CLS dropped, pixel
+  shuffle 0.5 (a token = a 2x2 patch block, ``4 * d_v``), LN-MLP projector. An image is its tiles
+  (row-major crops, then a thumbnail when there are several), one run of tokens; a budget counts
+  every tile's tokens, as for NeXT.
+- ``LlavaOnevisionForConditionalGeneration``: NeXT's packing with SigLIP (no CLS), no newline after
+  the base view, and the crop grid's tokens interpolated down when they exceed the anyres_max cap.
+- ``Idefics3ForConditionalGeneration`` / ``SmolVLMForConditionalGeneration`` (SmolVLM): SigLIP per
+  tile (tiles + a global image), pixel shuffle (a token = an s x s patch block), one linear layer.
+  An image's tokens come in one run per tile with text markers between them (``<row_r_col_c>``,
+  ``<global-img>``): the markers are text and stay; a budget counts the tokens of every tile.
 
 Per sample, images give ``counts[b]`` visual tokens; tensors over them are ``(B, n_max, ...)``,
 right-padded. The extra processor outputs an adapter needs are named by ``image_keys``.
@@ -44,6 +58,9 @@ class VisionOutput:
     embeds: torch.Tensor | None = None  # (B, n_max, D) LLM tokens, when the backbone builds them itself
     no_features: str | None = None  # why ``features`` is missing
     no_tower_signals: str | None = None  # why the vision tower's attention/keys/hidden are not offered
+    deepstack: tuple[torch.Tensor, ...] = ()  # (B, n_max, D) per decoder layer 0, 1, ..: added to that layer's output (Qwen3-VL)
+    grid: list[tuple[int, int]] | None = None  # per sample, (rows, columns) of its visual tokens in row-major order
+    no_grid: str | None = "its visual tokens are not one row-major 2-D grid (tiles, crops or packed runs)"  # why no ``grid``
 
 
 def _module_rotary(layer: nn.Module):
@@ -71,6 +88,12 @@ class Adapter:
         self.lm_head = model.lm_head
         self.image_token_id = image_token_id
         self.apply_rotary = _module_rotary(self.layers[0])
+        kinds = set(getattr(decoder.config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:  # the engine builds full causal masks only
+            raise NotImplementedError(
+                f"{type(model).__name__}: decoder layer types {sorted(kinds)}; prunebench runs full-attention decoders "
+                "(a checkpoint with use_sliding_window: true is not supported)"
+            )
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -86,8 +109,17 @@ class Adapter:
             f"{type(self.model).__name__}: visual tokens vary per image; budgets are checked per image at run time"
         )
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the decoder was built for (``max_position_embeddings``)."""
+        return getattr(self.decoder.config, "max_position_embeddings", None)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
+
+    def sample_pixels(self, pixel_values: torch.Tensor, **image_inputs) -> list[torch.Tensor]:
+        """Per sample, its image's pixels, the same whatever batch it is in (seeds use them)."""
+        return list(pixel_values)
 
     def image_inputs(self, inputs) -> dict[str, torch.Tensor]:
         """The extra image inputs (``image_keys``) picked from a processor output."""
@@ -122,6 +154,8 @@ class Adapter:
 
 class LlavaAdapter(Adapter):
     """LLaVA-1.5: CLIP vision tower -> MLP projector -> Llama-family decoder."""
+
+    CLS_IN_GRID = "vision_feature_select_strategy 'full' puts the CLS token before the patch grid"
 
     def __init__(self, model: nn.Module):
         inner = model.model
@@ -160,7 +194,10 @@ class LlavaAdapter(Adapter):
         features, offset = hidden, 0
         if self.select_strategy == "default":
             features, offset = features[:, 1:], 1
-        return VisionOutput([features.shape[1]] * features.shape[0], features, tuple(states), offset)
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        grid, no_grid = ([(side, side)] * features.shape[0], None) if offset else (None, self.CLS_IN_GRID)
+        return VisionOutput([features.shape[1]] * features.shape[0], features, tuple(states), offset,
+                            grid=grid, no_grid=no_grid)
 
     def vision_hidden(self, vision: VisionOutput, index: int) -> torch.Tensor:
         """``hidden_states[index]`` of the whole tower (negative: counted from its end), which enters
@@ -211,6 +248,11 @@ class LlavaNextAdapter(Adapter):
         "packed tokens; use a method that scores the projected tokens or the LLM's attention"
     )
 
+    NO_GRID = (
+        "LLaVA-NeXT's packed tokens are a base-image grid followed by unpadded anyres crops with one "
+        "newline token per row, not one row-major grid"
+    )
+
     def __init__(self, model: nn.Module):
         inner = model.model
         super().__init__(model, inner.language_model, model.config.image_token_id)
@@ -221,6 +263,15 @@ class LlavaNextAdapter(Adapter):
             )
         self.inner = inner
         self.projector = inner.multi_modal_projector
+
+    def sample_pixels(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """The base image and crops of each sample, without the padding a batch adds."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.model.config
+        counts = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                  for size in image_sizes]
+        return [pixels[:count] for pixels, count in zip(pixel_values, counts)]
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
         config = self.model.config
@@ -233,7 +284,7 @@ class LlavaNextAdapter(Adapter):
         rows = list(out.pooler_output)
         return VisionOutput(
             counts=[r.shape[0] for r in rows], features=None, hidden_states=None, embeds=_pad_rows(rows),
-            no_features=self.NO_FEATURES, no_tower_signals=self.NO_FEATURES,
+            no_features=self.NO_FEATURES, no_tower_signals=self.NO_FEATURES, no_grid=self.NO_GRID,
         )
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -269,6 +320,10 @@ class QwenVLAdapter(Adapter):
         )
         return positions
 
+    def sample_pixels(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """The patches of each sample's image (the processor concatenates a batch's)."""
+        return list(pixel_values.split(image_grid_thw.prod(-1).tolist()))
+
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionOutput:
         out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)
         patches = out.last_hidden_state
@@ -286,12 +341,161 @@ class QwenVLAdapter(Adapter):
             hidden_states=None,
             embeds=_pad_rows(list(out.pooler_output.split(counts))),
             no_tower_signals=self.NO_TOWER_SIGNALS,
+            grid=self.token_grid(image_grid_thw),
         )
+
+    def token_grid(self, image_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+        """Per image, (rows, columns) of its merged tokens, which come in raster order."""
+        merge = self.visual.spatial_merge_size
+        return [(int(h) // merge, int(w) // merge) for _, h, w in image_grid_thw.tolist()]
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         merger = self.visual.merger
         per_patch = features.reshape(*features.shape[:-1], self.merge_unit, -1)
         return merger.mlp(merger.ln_q(per_patch).flatten(-2))
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: Qwen2-VL's layout (a token = 4 patches side by side, M-RoPE from the model's own
+    ``get_rope_index``) with a vision tower without windows, a merger that normalises each patch,
+    and DeepStack: the tokens of ``deepstack_visual_indexes`` vision blocks, each through its own
+    merger, are added to the outputs of decoder layers 0, 1, 2 at the image slots."""
+
+    NO_TOWER_SIGNALS = (
+        "the Qwen3-VL vision tower has no CLS token, and its attention runs over the 4x more patches "
+        "before the 2x2 merger, so CLS attention, vision-tower attention, keys and hidden states are not offered on it"
+    )
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> VisionOutput:
+        out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)
+        patches = out.last_hidden_state
+        counts = (image_grid_thw.prod(-1) // self.merge_unit).tolist()
+        grouped = patches.reshape(-1, self.merge_unit * patches.shape[-1])  # merge groups, raster order
+        return VisionOutput(
+            counts=counts,
+            features=_pad_rows(list(grouped.split(counts))),
+            hidden_states=None,
+            embeds=_pad_rows(list(out.pooler_output.split(counts))),
+            no_tower_signals=self.NO_TOWER_SIGNALS,
+            deepstack=tuple(_pad_rows(list(level.split(counts))) for level in out.deepstack_features),
+            grid=self.token_grid(image_grid_thw),
+        )
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        merger = self.visual.merger
+        per_patch = merger.norm(features.reshape(*features.shape[:-1], self.merge_unit, -1))
+        return merger.linear_fc2(merger.act_fn(merger.linear_fc1(per_patch.flatten(-2))))
+
+
+class InternVLAdapter(Adapter):
+    """InternVL 3 / 3.5: InternViT per tile -> CLS dropped -> pixel shuffle 0.5 -> LN-MLP projector
+    -> Qwen2 / Qwen3 decoder. A visual token's features are its 2x2 patch block side by side
+    (``4 * d_v``), which ``project`` maps as the projector does. The processor does not return the
+    tiles per image; they are the image tokens over the tokens per tile (``image_tiles``)."""
+
+    image_keys = ("image_tiles",)
+    NO_TOWER_SIGNALS = (
+        "InternVL's vision tower runs per tile and its pixel shuffle folds 2x2 patches into one token, so the "
+        "CLS token's attention, vision-tower keys and hidden states are per tile and per patch, not per visual token"
+    )
+
+    def __init__(self, model: nn.Module):
+        inner = model.model
+        super().__init__(model, inner.language_model, model.config.image_token_id)
+        config = model.config
+        if not isinstance(config.vision_feature_layer, int):
+            raise NotImplementedError(
+                f"prunebench supports a single vision_feature_layer; this config has {config.vision_feature_layer!r}"
+            )
+        self.inner = inner
+        self.projector = inner.multi_modal_projector
+        self.tokens_per_tile = config.image_seq_length
+
+    def image_inputs(self, inputs) -> dict[str, torch.Tensor]:
+        if "image_tiles" in inputs:
+            return {"image_tiles": inputs["image_tiles"]}
+        if "input_ids" not in inputs:
+            raise BackboneError(
+                f"{type(self.model).__name__} needs the tiles per image (image_tiles) or the prompt's input_ids to count them"
+            )
+        return {"image_tiles": (inputs["input_ids"] == self.image_token_id).sum(-1) // self.tokens_per_tile}
+
+    def sample_pixels(self, pixel_values: torch.Tensor, image_tiles: torch.Tensor) -> list[torch.Tensor]:
+        """The tiles of each sample's image (the processor concatenates a batch's)."""
+        return list(pixel_values.split(image_tiles.tolist()))
+
+    def encode_images(self, pixel_values: torch.Tensor, image_tiles: torch.Tensor) -> VisionOutput:
+        config = self.model.config
+        tower = self.inner.vision_tower
+        last = config.vision_feature_layer == -1
+        out = tower(pixel_values=pixel_values.to(self.inner.dtype), output_hidden_states=not last)
+        hidden = out.last_hidden_state if last else out.hidden_states[config.vision_feature_layer]
+        patches = hidden[:, 1:] if config.vision_feature_select_strategy == "default" else hidden
+        side = int(patches.shape[1] ** 0.5)
+        blocks = self.inner.pixel_shuffle(patches.reshape(len(patches), side, side, -1), scale_factor=config.downsample_ratio)
+        features = blocks.reshape(len(patches), -1, blocks.shape[-1])  # (tiles, tokens per tile, 4 d_v)
+        counts = (image_tiles * features.shape[1]).tolist()
+
+        def per_sample(x: torch.Tensor) -> torch.Tensor:
+            return _pad_rows(list(x.reshape(-1, x.shape[-1]).split(counts)))
+
+        return VisionOutput(counts, per_sample(features), None, embeds=per_sample(self.projector(features)),
+                            no_tower_signals=self.NO_TOWER_SIGNALS)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projector(features)
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: the model's own packing (SigLIP per crop, projector per crop, the crop grid
+    unpadded and interpolated down to the anyres_max cap, a newline per grid row), as for NeXT."""
+
+    NO_FEATURES = (
+        "LLaVA-OneVision packs its visual tokens with image_newline tokens that live in LLM space and have no "
+        "vision feature, interpolates the crop grid's tokens after the projector (anyres_max), and its SigLIP "
+        "tower has no CLS token and runs per crop, so pre-projector features, CLS attention and vision-tower "
+        "keys do not map onto the packed tokens; use a method that scores the projected tokens or the LLM's attention"
+    )
+
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> VisionOutput:
+        rows = list(self.inner.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes).pooler_output)
+        return VisionOutput(
+            counts=[r.shape[0] for r in rows], features=None, hidden_states=None, embeds=_pad_rows(rows),
+            no_features=self.NO_FEATURES, no_tower_signals=self.NO_FEATURES,
+        )
+
+
+class SmolVLMAdapter(Adapter):
+    """SmolVLM (Idefics3 / SmolVLM classes): SigLIP per tile (all-zero padding tiles dropped, as the
+    model does) -> pixel shuffle -> one linear layer -> Llama. A visual token's features are its
+    ``s x s`` patch block side by side (``s^2 * d_v``), which ``project`` maps as the connector does."""
+
+    image_keys = ("pixel_attention_mask",)
+    NO_TOWER_SIGNALS = (
+        "SmolVLM's SigLIP tower has no CLS token, runs per tile and its pixel shuffle folds s x s patches into one "
+        "token, so CLS attention, vision-tower attention, keys and hidden states are not offered on it"
+    )
+
+    def __init__(self, model: nn.Module):
+        inner = model.model
+        super().__init__(model, inner.text_model, model.config.image_token_id)
+        self.inner = inner
+        self.connector = inner.connector
+
+    def sample_pixels(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """The tiles of each sample's image, without the all-zero tiles a batch pads with."""
+        return [tiles[(tiles != 0).flatten(1).any(-1)] for tiles in pixel_values.flatten(1, -4)]
+
+    def encode_images(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> VisionOutput:
+        out = self.inner.get_image_features(pixel_values, pixel_attention_mask)
+        rows = list(out.pooler_output)  # per sample: its tiles' tokens, tile after tile
+        blocks = self.connector.pixel_shuffle(out.last_hidden_state, self.connector.scale_factor)
+        counts = [len(row) for row in rows]
+        features = list(blocks.reshape(-1, blocks.shape[-1]).split(counts))
+        return VisionOutput(counts, _pad_rows(features), None, embeds=_pad_rows(rows), no_tower_signals=self.NO_TOWER_SIGNALS)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.connector.modality_projection(features)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -304,6 +508,11 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
+    "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
+    "InternVLForConditionalGeneration": InternVLAdapter,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
+    "Idefics3ForConditionalGeneration": SmolVLMAdapter,
+    "SmolVLMForConditionalGeneration": SmolVLMAdapter,
 }
 
 

@@ -14,8 +14,7 @@ token to every group, each with its own next position id.
 
 from __future__ import annotations
 
-import itertools
-import zlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -24,9 +23,9 @@ from transformers import DynamicCache
 
 from prunebench.engine.adapters import VisionOutput, adapter_for
 from prunebench.budget import Budget, BudgetError
-from prunebench.engine.method import PRE_LLM, Method, MethodError, Stage
+from prunebench.engine.method import PRE_LLM, Method, MethodError, Stage, check_stages
 from prunebench.engine.sequence import TokenLayout, normalise_keep
-from prunebench.engine.signals import StageContext
+from prunebench.engine.signals import SampleKeys, StageContext
 from prunebench.engine.timing import StageClock
 
 
@@ -62,7 +61,8 @@ class EncodedImages:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.embeds, self.vision.features, self.vision.embeds, *(self.vision.hidden_states or ())]
+        tensors = [self.embeds, self.vision.features, self.vision.embeds, *(self.vision.hidden_states or ()),
+                   *self.vision.deepstack]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
         return sum(storages.values())  # features can be a view of the last hidden state
 
@@ -100,7 +100,8 @@ class _PrefillRun:
 
     cache: DynamicCache
     visual_tokens: torch.Tensor  # (B, layers): visual tokens entering each layer
-    sample_keys: list[int]
+    sample_keys: SampleKeys
+    input_ids: torch.Tensor | None = None  # the prompt as given (the instruction text's source)
     groups: list[Group] = field(default_factory=list)
     group_of_layer: list[int] = field(default_factory=list)
     group: Group | None = None  # the open group; None until the first layer and after each stage
@@ -131,6 +132,10 @@ class PruningEngine:
                 "FlashAttention kernels itself) or call model.set_attn_implementation('sdpa')."
             )
         self.eager = implementation == "eager"
+        # the decoder layers' KV-cache argument: `past_key_values` up to transformers 5.24, `cache`
+        # from 5.25 (the old name is deprecated there, removed in 5.40)
+        parameters = inspect.signature(type(self.adapter.layers[0]).forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -232,9 +237,11 @@ class PruningEngine:
 
         Steps: lay out the batch and schedule the stages; embed the prompt with the images in their
         slots; then for each stage point (pre-LLM, then before each decoder layer) run the method's
-        stage if one is due, open a new layer group after a stage, and run the layer.
+        stage if one is due, open a new layer group after a stage, run the layer, and add the
+        layer's DeepStack injection at the visual tokens still present (Qwen3-VL, layers 0-2).
         ``images``: the batch's vision output when the caller has it (see :meth:`generate`)."""
         adapter = self.adapter
+        _check_left_padded(attention_mask)
         image_inputs = adapter.image_inputs(image_inputs or {})
         positions = adapter.positions(input_ids, attention_mask, **image_inputs)
         layout = TokenLayout.from_inputs(attention_mask, input_ids == adapter.image_token_id, positions)
@@ -245,9 +252,9 @@ class PruningEngine:
         run = _PrefillRun(
             cache=DynamicCache(config=adapter.decoder.config),
             visual_tokens=torch.zeros(len(layout.n_visual), adapter.num_layers, dtype=torch.long, device=self.device),
-            # per-sample seeds for methods' generators (a host copy of the ids: only when a stage runs)
-            sample_keys=[zlib.crc32(ids[keep].cpu().numpy().tobytes()) for ids, keep in zip(input_ids, layout.valid)]
-            if stages else [],
+            # what seeds a method's per-sample generator: the sample's prompt and image, read on first use
+            sample_keys=SampleKeys(input_ids, layout.valid, lambda: adapter.sample_pixels(pixel_values, **image_inputs)),
+            input_ids=input_ids,
         )
         pending = list(stages)
         for index in range(-1, adapter.num_layers):
@@ -255,7 +262,7 @@ class PruningEngine:
             if pending and pending[0][0].layer == at:
                 with clock("pruner"):
                     layout, hidden = self._run_stage(run, pending.pop(0), method, images, layout, hidden, index,
-                                                     built=not budget.floor)
+                                                     keep_built=not budget.floor)
                 run.group = None  # the layers after a stage see another sequence: a new group
             if index < 0:
                 continue
@@ -263,6 +270,8 @@ class PruningEngine:
                 if run.group is None:
                     self._open_group(run, layout, hidden, index)
                 hidden = self._run_layer(run, layout, hidden, index)
+                if index < len(images.vision.deepstack):
+                    hidden = _add_deepstack(layout, hidden, images.vision.deepstack[index])
         with clock("prefill"):
             logits = adapter.lm_head(adapter.decoder.norm(hidden[:, -1:]))[:, -1]
         return Prefill(logits, run.cache, run.groups, run.group_of_layer, layout, run.visual_tokens.cpu())
@@ -277,9 +286,9 @@ class PruningEngine:
 
     def _run_stage(self, run: _PrefillRun, stage_rows: list[Stage], method: Method, images: EncodedImages,
                    layout: TokenLayout, hidden: torch.Tensor, index: int,
-                   built: bool = True) -> tuple[TokenLayout, torch.Tensor]:
+                   keep_built: bool = True) -> tuple[TokenLayout, torch.Tensor]:
         """One pruning stage: the method selects from the signals it asks for; the layout keeps
-        (or merges) the selected visual tokens of every sample. ``built=False`` (the floor
+        (or merges) the selected visual tokens of every sample. ``keep_built=False`` (the floor
         control) drops the tokens a method builds, so exactly its kept ones go on."""
         ctx = StageContext(
             stage=stage_rows[0],
@@ -294,10 +303,15 @@ class PruningEngine:
             sample_keys=run.sample_keys,
             seed=getattr(method, "seed", 0),
             state=run.method_state,
+            input_ids=run.input_ids,
+            tokenizer=self.tokenizer,
         )
         selection = method.select(ctx)
         keep = normalise_keep(selection.keep, layout.n_visual, ctx.keep, method.name)
-        if not built:
+        built = sum(t.shape[1] for t in (selection.leading, selection.merged) if t is not None)
+        if built == 0 and min(len(row) for row in keep) == 0:  # a stage may keep 0 tokens only if it builds some
+            raise MethodError(f"method {method.name!r} left a sample with no visual token (kept 0, built none)")
+        if not keep_built:
             return layout.prune(hidden, keep, None, method.positions)
         return layout.prune(hidden, keep, selection.merged, method.positions, selection.leading)
 
@@ -321,8 +335,8 @@ class PruningEngine:
             attention_mask=run.mask,
             position_embeddings=run.position_embeddings,
             position_ids=_text_positions(layout.positions),
-            past_key_values=run.cache,
             use_cache=True,
+            **{self.cache_argument: run.cache},
         )
 
     # -- decode -----------------------------------------------------------------------------
@@ -366,8 +380,8 @@ class PruningEngine:
                 attention_mask=masks[g],
                 position_embeddings=rotary[g],
                 position_ids=None if state.layout.multimodal else state.groups[g].next_position[:, None] - 1,
-                past_key_values=state.cache,
                 use_cache=True,
+                **{self.cache_argument: state.cache},
             )
         return adapter.lm_head(adapter.decoder.norm(hidden))[:, -1]
 
@@ -392,19 +406,8 @@ class PruningEngine:
         layers = {tuple(s.layer for s in stages) for stages in per_sample}
         if len(layers) != 1:
             raise MethodError(f"method {method.name!r} scheduled different layers per sample: {layers}")
-        (stage_layers,) = layers
-        order = [-1 if layer is None else layer for layer in stage_layers]
-        if order != sorted(set(order)):
-            raise MethodError(f"method {method.name!r}: stage layers must be strictly increasing, got {stage_layers}")
-        if order and order[-1] >= self.adapter.num_layers:
-            raise MethodError(
-                f"method {method.name!r} prunes at layer {order[-1]}, but the model has "
-                f"{self.adapter.num_layers} decoder layers (valid: 0..{self.adapter.num_layers - 1})"
-            )
         for n, stages in zip(n_visual, per_sample):
-            counts = [n] + [s.keep for s in stages]
-            if any(k < 1 for k in counts[1:]) or any(a < b for a, b in itertools.pairwise(counts)):
-                raise MethodError(f"method {method.name!r}: schedule {stages} for {n} tokens must keep 1..{n}, non-increasing")
+            check_stages(method, stages, n, self.adapter.num_layers)
         return [list(row) for row in zip(*per_sample)]
 
     def _check_image_tokens(self, layout: TokenLayout, image_counts: list[int]) -> None:
@@ -430,6 +433,32 @@ class PruningEngine:
                 text = text.split(s, 1)[0]
             texts.append(text.strip())
         return texts
+
+
+def _check_left_padded(attention_mask: torch.Tensor) -> None:
+    """The engine lays a batch out with every prompt ending in the last column (left padding, as
+    the bridge and HF generate use); a right-padded row would have its padding read as its last
+    token."""
+    mask = attention_mask.bool()
+    bad = (mask[:, :-1] & ~mask[:, 1:]).any(-1) | ~mask.any(-1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"PruningEngine takes left-padded batches (padding before each prompt, its last token in the "
+            f"last column); attention_mask rows {rows} have padding after a token or no token at all. "
+            "Tokenize with tokenizer.padding_side = 'left'."
+        )
+
+
+def _add_deepstack(layout: TokenLayout, hidden: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL's DeepStack after decoder layer ``i``: the model adds vision level ``i`` (``level``,
+    ``(B, n_max, D)`` over the original visual tokens) to the layer's output at every image slot;
+    here every visual token still present gets the row of its original visual id, so a pruned
+    token's rows go with it. Tokens a method built (``MERGED``) get none: they have no row of
+    their own, and the weights that would make one belong to the method."""
+    ids = layout.visual_id
+    rows = level.gather(1, ids.clamp(min=0)[..., None].expand(-1, -1, level.shape[-1]))
+    return torch.where((ids >= 0)[..., None], hidden + rows.to(hidden.dtype), hidden)
 
 
 def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:

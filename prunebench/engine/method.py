@@ -24,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
+import itertools
 import pkgutil
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -37,6 +39,10 @@ from prunebench.engine.sequence import PositionPolicy
 from prunebench.errors import MethodError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from PIL import Image
+
     from prunebench.engine.signals import StageContext
 
 PRE_LLM = None  # Stage.layer of the pre-LLM stage: after the projector, before decoder layer 0
@@ -102,6 +108,23 @@ class Method:
 
     def select(self, ctx: StageContext) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} does not implement select()")
+
+    def input_files(self) -> list[Path]:
+        """Files whose contents change what this method selects (a checkpoint): their digest is
+        part of a record's key, so retraining in place recomputes the cell. Default: none."""
+        return []
+
+    @property
+    def resizes_images(self) -> bool:
+        """Whether the method acts before the processor, through :meth:`resize_image`."""
+        return False
+
+    def resize_image(self, image: Image.Image, budget: Budget, tokens_at: Callable[[int, int], int]) -> Image.Image:
+        """For a method that ``resizes_images``: the image the model should see instead of ``image``
+        at ``budget``; ``tokens_at(height, width)`` is the visual-token count the model's processor
+        gives an image of that size. The caller (prunebench run) encodes the returned image and runs
+        the engine with budget ``all``."""
+        raise NotImplementedError(f"method {self.name!r} does not resize images")
 
     # -- description -------------------------------------------------------------------------
     @classmethod
@@ -177,8 +200,11 @@ def create_method(spec: str | type[Method], **options: Any) -> Method:
     if isinstance(spec, type):
         cls, parsed = spec, {}
     else:
-        name, _, opts = spec.partition(":")
+        name, colon, opts = spec.partition(":")
         cls = get_method_class(name.strip())
+        if colon and not opts.strip():
+            raise MethodError(f"method {spec!r}: no options after ':'; write {cls.name}:key=value "
+                              f"(options: {_describe_options(cls)}) or just {cls.name}")
         parsed = _parse_options(cls, opts)
     parsed.update({k: _coerce(cls, k, v) for k, v in options.items()})
     return cls(**parsed)
@@ -190,9 +216,12 @@ def parse_method_list(text: str) -> list[str]:
     A comma-separated item holding ``=`` but no ``:`` continues the previous method's options.
     """
     specs: list[str] = []
+    if not text.strip():
+        raise MethodError("no method given; valid choices: " + ", ".join(available_methods()))
     for item in (part.strip() for part in text.split(",")):
         if not item:
-            continue
+            raise MethodError(f"empty item in the method list {text!r} (two commas in a row, or one at an end); "
+                              "write name:key=value,key=value,name2")
         if "=" in item and ":" not in item:
             if not specs:
                 raise MethodError(f"option {item!r} comes before any method name in {text!r}")
@@ -206,7 +235,7 @@ def parse_method_list(text: str) -> list[str]:
 
 def _parse_options(cls: type[Method], text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
+    for item in (p.strip() for p in text.split(",")) if text else ():
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise MethodError(
@@ -215,6 +244,25 @@ def _parse_options(cls: type[Method], text: str) -> dict[str, Any]:
             )
         out[key.strip()] = _coerce(cls, key.strip(), value.strip())
     return out
+
+
+def check_stages(method: Method, stages: list[Stage], n_visual: int, num_layers: int) -> None:
+    """A schedule the engine can run for one image of ``n_visual`` tokens: stage layers strictly
+    increasing and inside the decoder, each stage keeping 0..n tokens (0: the stage builds every
+    token the LLM sees, see Selection.merged), never more than before."""
+    order = [-1 if s.layer is None else s.layer for s in stages]
+    if order != sorted(set(order)) or (order and order[0] < -1):
+        raise MethodError(f"method {method.name!r}: stage layers must be strictly increasing decoder layers, "
+                          f"got {[s.layer for s in stages]}")
+    if order and order[-1] >= num_layers:
+        raise MethodError(
+            f"method {method.name!r} prunes at layer {order[-1]}, but the model has "
+            f"{num_layers} decoder layers (valid: 0..{num_layers - 1})"
+        )
+    counts = [n_visual] + [s.keep for s in stages]
+    if any(k < 0 for k in counts[1:]) or any(a < b for a, b in itertools.pairwise(counts)):
+        raise MethodError(f"method {method.name!r}: schedule {stages} for {n_visual} tokens must keep 0..{n_visual}, "
+                          "non-increasing")
 
 
 def _describe_options(cls: type[Method]) -> str:

@@ -7,6 +7,7 @@ rotary embedding (keys of already-run layers come straight from the KV cache).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import zlib
@@ -20,6 +21,28 @@ from prunebench.engine.sequence import TokenLayout
 
 if TYPE_CHECKING:
     from prunebench.engine.method import Stage
+
+
+class SampleKeys:
+    """Per sample, a number identifying it by content: its prompt tokens and its image's pixels
+    (so the same question on two images differs), whatever batch it is in. Computed on first use
+    (a host copy of ids and pixels), only by methods that draw at random."""
+
+    def __init__(self, input_ids: torch.Tensor, valid: torch.Tensor, pixels: Callable[[], list[torch.Tensor]]):
+        self._ids, self._valid, self._pixels = input_ids, valid, pixels
+        self._keys: list[int] | None = None
+
+    def __getitem__(self, b: int) -> int:
+        if self._keys is None:
+            self._keys = []
+            for ids, keep, image in zip(self._ids, self._valid, self._pixels()):
+                key = zlib.crc32(ids[keep].cpu().numpy().tobytes())
+                self._keys.append(zlib.crc32(image.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), key))
+        return self._keys[b]
+
+
+class SignalUnavailableError(MethodError):
+    """A signal this backbone cannot provide: a method that needs it cannot run on this model."""
 
 
 class StageContext:
@@ -42,9 +65,11 @@ class StageContext:
         hidden: torch.Tensor,
         layer_inputs: dict[int, torch.Tensor],
         cache,
-        sample_keys: list[int],
+        sample_keys: SampleKeys,
         seed: int,
         state: dict,
+        input_ids: torch.Tensor | None = None,
+        tokenizer=None,
     ):
         self.stage = stage
         self.layer = stage.layer
@@ -59,6 +84,8 @@ class StageContext:
         self._image_embeds = image_embeds
         self._layer_inputs = layer_inputs
         self._cache = cache
+        self._input_ids = input_ids
+        self._tokenizer = tokenizer
 
     # -- shapes and bookkeeping -------------------------------------------------------------
     @property
@@ -119,8 +146,8 @@ class StageContext:
         return [row[:n].topk(k).indices for row, n, k in zip(scores, self.n_visual, self.keep)]
 
     def generator(self, b: int) -> torch.Generator:
-        """A generator for sample ``b`` seeded by (method seed, the sample's prompt tokens): a
-        sample draws the same tokens whatever batch it is in."""
+        """A generator for sample ``b`` seeded by (method seed, the sample's prompt tokens and image
+        pixels): a sample draws the same tokens whatever batch it is in."""
         seed = zlib.crc32(f"{self._seed}:{self._sample_keys[b]}".encode())
         return torch.Generator(device=self.hidden.device).manual_seed(seed)
 
@@ -129,19 +156,39 @@ class StageContext:
         text = self.layout.valid & ~self.layout.visual
         return [row.nonzero().flatten() for row in text]
 
+    def text_after_image(self) -> list[str]:
+        """Per sample, the prompt's text after its image (the instruction, and whatever the chat
+        template puts after it), decoded by the engine's tokenizer without special tokens."""
+        if self._tokenizer is None or self._input_ids is None:
+            raise MethodError("the prompt's text needs the engine's tokenizer: create PruningEngine(model, tokenizer)")
+        texts = []
+        for ids in self._input_ids:
+            image = (ids == self._adapter.image_token_id).nonzero()
+            texts.append(self._tokenizer.decode(ids[int(image.max()) + 1 :], skip_special_tokens=True))
+        return texts
+
     # -- vision signals ---------------------------------------------------------------------
     @property
     def vision_features(self) -> torch.Tensor:
         """``(B, n_max, d_v)`` vision features before the projector, one row per original visual
         token (Qwen2-VL: the 2x2 merged patches side by side, ``4 * d_v``)."""
         if self._vision.features is None:
-            raise MethodError(f"vision features are not available on this backbone: {self._vision.no_features}")
+            raise SignalUnavailableError(f"vision features are not available on this backbone: {self._vision.no_features}")
         return self._vision.features
 
     @property
     def image_embeds(self) -> torch.Tensor:
         """``(B, N, D)`` projector output, all original patches."""
         return self._image_embeds
+
+    @property
+    def token_grid(self) -> list[tuple[int, int]]:
+        """Per sample, (rows, columns) of the image's visual tokens, which lie in row-major order
+        (LLaVA-1.5: 24 x 24; Qwen2-VL: the merged grid). Describes the tokens as encoded, before
+        any stage pruned them."""
+        if self._vision.grid is None:
+            raise SignalUnavailableError(f"the visual tokens form no single 2-D grid on this backbone: {self._vision.no_grid}")
+        return self._vision.grid
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """The model's projector: vision features ``(B, M, d_v)`` -> LLM tokens ``(B, M, D)``
@@ -157,7 +204,7 @@ class StageContext:
         """``(B, H, N)`` attention of the CLS query to each patch inside vision encoder ``layer``."""
         self._require_tower_signals("CLS attention")
         if self._vision.patch_offset != 1:
-            raise MethodError("this vision tower has no CLS token (vision_feature_select_strategy is not 'default')")
+            raise SignalUnavailableError("this vision tower has no CLS token (vision_feature_select_strategy is not 'default')")
         probs = self._adapter.vision_attention(self._vision, layer, rows=torch.tensor([0]))
         return probs[:, :, 0, 1:]
 
@@ -192,7 +239,7 @@ class StageContext:
                 return cached
         attn = self._adapter.layers[layer].self_attn
         normed = self._adapter.layers[layer].input_layernorm(self.layer_input(layer))
-        k = attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+        k = _head_norm(attn, "k_norm", attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)).transpose(1, 2)
         cos, sin = self._rotary(normed)
         return self._rope(k, cos, sin)
 
@@ -211,7 +258,7 @@ class StageContext:
         hidden = self.layer_input(layer)
         picked = hidden.gather(1, row_slots[..., None].expand(-1, -1, hidden.shape[-1]))
         q = attn.q_proj(block.input_layernorm(picked))
-        q = q.view(*q.shape[:-1], -1, attn.head_dim).transpose(1, 2)  # (B, H, R, d)
+        q = _head_norm(attn, "q_norm", q.view(*q.shape[:-1], -1, attn.head_dim)).transpose(1, 2)  # (B, H, R, d)
         cos, sin = self._rotary(hidden, slots=row_slots)
         q = self._rope(q, cos, sin)
         k = self.keys(layer)
@@ -244,7 +291,7 @@ class StageContext:
     # -- helpers ----------------------------------------------------------------------------
     def _require_tower_signals(self, what: str) -> None:
         if self._vision.no_tower_signals is not None:
-            raise MethodError(f"{what} is not available on this backbone: {self._vision.no_tower_signals}")
+            raise SignalUnavailableError(f"{what} is not available on this backbone: {self._vision.no_tower_signals}")
 
     def _rotary(self, like: torch.Tensor, slots: torch.Tensor | None = None):
         """cos/sin of the decoder's own rotary embedding (M-RoPE sections included) at the
@@ -255,3 +302,10 @@ class StageContext:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rotated, _ = self._adapter.apply_rotary(x, x, cos, sin)
         return rotated
+
+
+def _head_norm(attn, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The per-head RMSNorm Qwen3-family attention applies to queries / keys before rotary
+    (``q_norm`` / ``k_norm``); other decoders have none."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)

@@ -1,5 +1,4 @@
-"""LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL: tiny random models built in code, their inputs, and
-loading real checkpoints of those architectures.
+"""LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL: tiny random models built in code, and the Qwen-VL inputs.
 
 Tiny models share the word-level tokenizer made in code (``models.build_tokenizer``); Qwen2-VL
 adds its vision special tokens here. Qwen2-VL's HF processor class insists on a video processor,
@@ -14,12 +13,8 @@ and the tokenizer the way the processor does (each ``<|image_pad|>`` becomes one
 
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers import (
-    AutoConfig,
-    AutoTokenizer,
     BatchFeature,
     CLIPVisionConfig,
     LlamaConfig,
@@ -41,7 +36,6 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
 )
 
-from prunebench.errors import ModelNotFoundError
 from prunebench.models.tiny import build_tokenizer
 
 NEXT_PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -105,7 +99,7 @@ def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa"):
 
 # -- Qwen2-VL / Qwen2.5-VL -----------------------------------------------------------------------
 class QwenVLInputs:
-    """A processor for Qwen2-VL-family models made of the PIL image processor and a tokenizer.
+    """A processor for Qwen2-VL, Qwen2.5-VL and Qwen3-VL made of the PIL image processor and a tokenizer.
 
     ``__call__(images=, text=)`` returns ``input_ids``, ``attention_mask``, ``pixel_values``
     (all images' flattened patches), ``image_grid_thw`` and ``mm_token_type_ids``, as
@@ -184,60 +178,3 @@ def build_tiny_qwen2_vl(seed: int = 0, attn_implementation: str = "sdpa", versio
     model = _finish(model_class(config), tokenizer, attn_implementation)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=QWEN_PIXELS[0], max_pixels=QWEN_PIXELS[1])
     return model, QwenVLInputs(image_processor, tokenizer)
-
-
-BUILTIN = {
-    "random:tiny-llava-next": lambda: build_tiny_llava_next(),
-    "random:tiny-qwen2-vl": lambda: build_tiny_qwen2_vl(version="2"),
-    "random:tiny-qwen2.5-vl": lambda: build_tiny_qwen2_vl(version="2.5"),
-}
-PRETRAINED = {
-    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
-    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
-    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
-}
-
-
-def architecture(name: str) -> str | None:
-    """The architecture a built-in name or a locally available checkpoint declares (None if the
-    config cannot be read offline: the caller's own loader then reports the problem)."""
-    if name in BUILTIN:
-        return name
-    if name.startswith("random:"):
-        return None
-    try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
-        return None
-    return (config.architectures or [None])[0]
-
-
-def handles(name: str) -> bool:
-    """True for the names this module loads: its built-ins and LLaVA-NeXT / Qwen-VL checkpoints."""
-    kind = architecture(name)
-    return kind in BUILTIN or kind in PRETRAINED
-
-
-def load(name: str, device: str, torch_dtype: torch.dtype):
-    """(model, processor) for a built-in tiny backbone or a local LLaVA-NeXT / Qwen-VL checkpoint."""
-    if name in BUILTIN:
-        model, processor = BUILTIN[name]()
-        return model.to(device=device, dtype=torch_dtype), processor
-    kind = architecture(name)
-    try:
-        model = PRETRAINED[kind].from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True)
-        if kind == "LlavaNextForConditionalGeneration":
-            processor = LlavaNextProcessor.from_pretrained(name, local_files_only=True)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-            processor = QwenVLInputs(Qwen2VLImageProcessorPil.from_pretrained(name, local_files_only=True), tokenizer)
-    except OSError as err:
-        raise ModelNotFoundError(
-            f"cannot load {name!r} ({kind}) from local files ({err.__class__.__name__}: {err}); download it "
-            f"first (`hf download {name}`) into HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}"
-        ) from None
-    tokenizer = processor.tokenizer
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.to(device).eval(), processor

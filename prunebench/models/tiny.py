@@ -32,8 +32,12 @@ CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789")
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over a fixed vocabulary (no files, no download)."""
+def build_tokenizer(named: dict[str, str] | None = None, special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a fixed vocabulary (no files, no download).
+
+    ``named``: extra special tokens a processor reads by name (``tokenizer.<name>`` and
+    ``tokenizer.<name>_id``, as InternVL's processor reads ``context_image_token``); ``special``:
+    more special tokens (image markers), each one id, never split."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     vocab: dict[str, int] = {}
@@ -50,9 +54,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>", **(named or {})},
         padding_side="left",
     )
+    added = [t for t in [*(named or {}).values(), *special] if t not in SPECIAL_TOKENS]
+    if added:
+        tokenizer.add_tokens(list(dict.fromkeys(added)), special_tokens=True)
     return tokenizer
 
 

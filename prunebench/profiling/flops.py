@@ -26,13 +26,14 @@ the LM head on the last prompt token, which is all the engine runs it on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prunebench.engine.adapters import clip_layers_run
 
 # Decoders whose MLP is gated (gate, up, down): the three matrices the formula counts.
-GATED_MLP_DECODERS = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+GATED_MLP_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 
 FORMULA = (
     "FLOPs = 2 x MACs per decoder layer: n*d*(d_q + 2*d_kv) + n*d_q*d + 2*n*s*d_q + 3*n*d*m "
@@ -139,9 +140,20 @@ def visual_tokens_per_image(config) -> int:
 # LLaVA-NeXT (anyres): the image is fitted into the best of ``image_grid_pinpoints`` and cut into
 # crops of the CLIP input size; base image + crops go through CLIP. The crops' token grid is then
 # cropped back to the image's aspect ratio ("unpad") and every row gains one image_newline token.
-# Qwen2-VL / 2.5-VL: the image is resized to multiples of patch x merge (28 px) and every 2x2
-# group of 14 px patches becomes one LLM token.
-DYNAMIC = ("llava_next", "qwen2_vl", "qwen2_5_vl")
+# LLaVA-OneVision: the same with SigLIP (no CLS), no newline after the base view, and a grid of
+# more than 1.1^2 x N crops' worth of tokens interpolated down to about N crops (anyres_max_N).
+# Qwen2-VL / 2.5-VL / 3-VL: the image is resized to multiples of patch x merge (28 px; 32 px on
+# Qwen3-VL) and every 2x2 group of patches becomes one LLM token.
+# InternVL: the image is resized onto the tile grid (of 1..12 tiles) whose aspect ratio is
+# closest to its own and cut into tiles; several tiles get a thumbnail tile. 256 tokens a tile.
+# SmolVLM / Idefics3: the longest edge is resized to 4 tiles, both sides rounded up to whole tiles,
+# then rows x cols tiles + a global image (one tile when the image fits in one). 64 tokens a tile
+# on the 256M / 500M models.
+DYNAMIC = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "idefics3", "smolvlm")
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SMOLVLM = ("idefics3", "smolvlm")
+INTERNVL_MAX_TILES = 12  # InternVL's processor default (max_patches; min_patches 1)
+SMOLVLM_TILES_PER_EDGE = 4  # SmolVLM's processor: longest edge 4 x 512 px (2048) on 512 px tiles
 
 
 def anyres_resolution(config, height: int, width: int) -> tuple[int, int]:
@@ -164,10 +176,10 @@ def anyres_crops(config, height: int, width: int) -> int:
     return 1 + -(-pin_h // side) * -(-pin_w // side)
 
 
-def _anyres_tokens(config, height: int, width: int) -> int:
+def _unpadded_grid(config, height: int, width: int) -> tuple[int, int]:
+    """Rows and columns of the crops' token grid after unpadding (LLaVA-NeXT / OneVision)."""
     vision = config.vision_config
     side = vision.image_size // vision.patch_size  # tokens per crop side
-    base = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
     pin_h, pin_w = anyres_resolution(config, height, width)
     rows, cols = pin_h // vision.image_size * side, pin_w // vision.image_size * side
     # unpad: keep the centred band of rows (or columns) the image itself covers
@@ -177,7 +189,82 @@ def _anyres_tokens(config, height: int, width: int) -> int:
     else:
         kept = int(round(width * (rows / height), 7))
         cols -= 2 * ((cols - kept) // 2)
+    return rows, cols
+
+
+def _anyres_tokens(config, height: int, width: int) -> int:
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    base = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+    rows, cols = _unpadded_grid(config, height, width)
     return base + rows * cols + rows  # + one image_newline per row
+
+
+def _onevision_tokens(config, height: int, width: int) -> int:
+    """Base view (SigLIP: no CLS) + the unpadded grid, interpolated down when it holds more than
+    1.1^2 x N crops of tokens (``anyres_max_N``), + one newline per grid row."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    rows, cols = _unpadded_grid(config, height, width)
+    cap = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+    ratio = math.sqrt(rows * cols / (cap * side * side))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return side * side + rows * cols + rows
+
+
+def internvl_tiles(config, height: int, width: int, max_tiles: int = INTERNVL_MAX_TILES) -> int:
+    """Tiles InternVL's processor cuts an image into: the (columns, rows) grid of 1..``max_tiles``
+    tiles whose aspect ratio is closest to the image's (a tie goes to more tiles while the image
+    covers over half of them), plus a thumbnail when there is more than one."""
+    side = tile_side(config.vision_config.image_size)
+    grids = sorted(((c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles),
+                   key=lambda grid: grid[0] * grid[1])
+    best, best_diff = (1, 1), float("inf")
+    for columns, rows in grids:
+        diff = abs(width / height - columns / rows)
+        if diff < best_diff:
+            best, best_diff = (columns, rows), diff
+        elif diff == best_diff and width * height > 0.5 * side * side * columns * rows:
+            best = (columns, rows)
+    tiles = best[0] * best[1]
+    return tiles + (1 if tiles > 1 else 0)
+
+
+def smolvlm_tiles(config, height: int, width: int, tiles_per_edge: int = SMOLVLM_TILES_PER_EDGE) -> int:
+    """Tiles SmolVLM's processor cuts an image into: the longest edge resized to ``tiles_per_edge``
+    tiles (the other keeping the aspect ratio, made even), both sides rounded up to whole tiles;
+    rows x cols tiles + the global image, or the image alone when it fits in one tile."""
+    tile = config.vision_config.image_size
+    longest = tiles_per_edge * tile
+    if width >= height:
+        height, width = int(longest / (width / height)), longest
+        height += height % 2
+    else:
+        width, height = int(longest * (width / height)), longest
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    if width >= height:
+        cols = math.ceil(width / tile)
+        rows = math.ceil(int(cols * tile / (width / height)) / tile)
+    else:
+        rows = math.ceil(height / tile)
+        cols = math.ceil(int(rows * tile * (width / height)) / tile)
+    return rows * cols + 1 if rows * cols > 1 else 1
+
+
+def _tokens_per_tile(config) -> int:
+    """Visual tokens of one tile after the pixel shuffle (InternVL, SmolVLM)."""
+    vision = config.vision_config
+    patches = (tile_side(vision.image_size) // tile_side(vision.patch_size)) ** 2
+    if config.model_type == "internvl":
+        return int(patches * config.downsample_ratio**2)
+    return patches // config.scale_factor**2
+
+
+def tile_side(size) -> int:
+    """A square size given as an int or as (height, width)."""
+    return size if isinstance(size, int) else size[0]
 
 
 def qwen_patch_grid(config, height: int, width: int) -> tuple[int, int]:
@@ -190,25 +277,36 @@ def qwen_patch_grid(config, height: int, width: int) -> tuple[int, int]:
 
 
 def image_tokens(config, height: int, width: int) -> int:
-    """Visual tokens an image of ``height`` x ``width`` px gives the model (LLaVA-1.5: always its grid)."""
-    if config.model_type == "llava":
+    """Visual tokens an image of ``height`` x ``width`` px gives the model (LLaVA-1.5: always its
+    grid), with the processors' default tiling (InternVL: up to 12 tiles; SmolVLM: 4 tiles a side)."""
+    kind = config.model_type
+    if kind == "llava":
         return visual_tokens_per_image(config)
-    if config.model_type == "llava_next":
+    if kind == "llava_next":
         return _anyres_tokens(config, height, width)
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if kind == "llava_onevision":
+        return _onevision_tokens(config, height, width)
+    if kind in QWEN_VL:
         rows, cols = qwen_patch_grid(config, height, width)
         return rows * cols // config.vision_config.spatial_merge_size**2
-    raise NotImplementedError(f"no visual-token count for {config.model_type!r}; supported: llava, {', '.join(DYNAMIC)}")
+    if kind == "internvl":
+        return internvl_tiles(config, height, width) * _tokens_per_tile(config)
+    if kind in SMOLVLM:
+        return smolvlm_tiles(config, height, width) * _tokens_per_tile(config)
+    raise NotImplementedError(f"no visual-token count for {kind!r}; supported: llava, {', '.join(DYNAMIC)}")
 
 
 def max_image_tokens(config, image_processor=None) -> int:
     """The most visual tokens one image can give: LLaVA-1.5's fixed grid; LLaVA-NeXT's largest
     pinpoint (unpadding only removes tokens); Qwen-VL's processor ``max_pixels`` / (28 px)^2."""
-    if config.model_type == "llava":
+    kind = config.model_type
+    if kind == "llava":
         return visual_tokens_per_image(config)
-    if config.model_type == "llava_next":
+    if kind == "llava_next":
         return max(_anyres_tokens(config, h, w) for h, w in config.image_grid_pinpoints)
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if kind == "llava_onevision":  # the largest canvas (the interpolation caps its grid)
+        return max(_onevision_tokens(config, h, w) for h, w in config.image_grid_pinpoints)
+    if kind in QWEN_VL:
         max_pixels = getattr(getattr(image_processor, "size", None), "longest_edge", None)
         if max_pixels is None:
             raise NotImplementedError(
@@ -216,7 +314,15 @@ def max_image_tokens(config, image_processor=None) -> int:
             )
         vision = config.vision_config
         return max_pixels // (vision.patch_size * vision.spatial_merge_size) ** 2
-    raise NotImplementedError(f"no visual-token count for {config.model_type!r}; supported: llava, {', '.join(DYNAMIC)}")
+    if kind == "internvl":  # every tile + the thumbnail
+        tiles = getattr(image_processor, "max_patches", None) or INTERNVL_MAX_TILES
+        return (tiles + (tiles > 1)) * _tokens_per_tile(config)
+    if kind in SMOLVLM:  # a square image: the most tiles a side, + the global image
+        size = getattr(image_processor, "size", None)
+        tile = config.vision_config.image_size
+        per_edge = size["longest_edge"] // tile if size and "longest_edge" in size else SMOLVLM_TILES_PER_EDGE
+        return (per_edge * per_edge + (per_edge > 1)) * _tokens_per_tile(config)
+    raise NotImplementedError(f"no visual-token count for {kind!r}; supported: llava, {', '.join(DYNAMIC)}")
 
 
 # -- vision FLOPs ------------------------------------------------------------------------------
@@ -233,6 +339,14 @@ def vision_flops(config, images: int, height: int | None = None, width: int | No
       MLP of ``mlp_ratio x d``), then the merger MLP (4d -> 4d -> D) on the P / 4 tokens.
     - Qwen2.5-VL: the same with a gated MLP, and attention within windows of ``window_size`` px
       except in ``fullatt_block_indexes`` blocks.
+    - Qwen3-VL: Qwen2-VL's ViT (fc1/fc2 MLP of ``intermediate_size``, full attention per image),
+      the merger, and one more merger per DeepStack level (the learned position embedding is
+      interpolated by a weighted sum: no matmul).
+    - LLaVA-OneVision: SigLIP over each crop's patches (no CLS, every layer), the projector on
+      every crop's tokens; the grid's interpolation and the newline tokens cost no matmul.
+    - InternVL: InternViT over each tile's 1 + patches (CLS), the projector (4d -> D -> D) on the
+      pixel-shuffled tokens of each tile.
+    - SmolVLM: SigLIP over each tile's patches (no CLS), the connector (s^2 d -> D) on its tokens.
     """
     kind = config.model_type
     if kind == "llava":
@@ -242,9 +356,32 @@ def vision_flops(config, images: int, height: int | None = None, width: int | No
     if kind == "llava_next":
         return 2 * images * _clip_macs(config, crops=anyres_crops(config, height, width),
                                        layers=config.vision_config.num_hidden_layers)
-    if kind in ("qwen2_vl", "qwen2_5_vl"):
+    if kind in QWEN_VL:
         return 2 * images * _qwen_vit_macs(config, *qwen_patch_grid(config, height, width))
+    if kind == "llava_onevision":
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        projector = side * side * (config.vision_config.hidden_size + config.text_config.hidden_size) * config.text_config.hidden_size
+        return 2 * images * anyres_crops(config, height, width) * (_vit_tile_macs(config.vision_config, cls=False) + projector)
+    if kind == "internvl":
+        tokens, d, width_llm = _tokens_per_tile(config), config.vision_config.hidden_size, config.text_config.hidden_size
+        wide = int(d / config.downsample_ratio**2)
+        per_tile = _vit_tile_macs(config.vision_config, cls=True) + tokens * (wide * width_llm + width_llm * width_llm)
+        return 2 * images * internvl_tiles(config, height, width) * per_tile
+    if kind in SMOLVLM:
+        tokens, d = _tokens_per_tile(config), config.vision_config.hidden_size
+        per_tile = _vit_tile_macs(config.vision_config, cls=False) + tokens * d * config.scale_factor**2 * config.text_config.hidden_size
+        return 2 * images * smolvlm_tiles(config, height, width) * per_tile
     raise NotImplementedError(f"no FLOPs model for {kind!r}; supported: llava, {', '.join(DYNAMIC)}")
+
+
+def _vit_tile_macs(vision, cls: bool) -> int:
+    """One square input through a plain ViT (every layer): the patch embedding, then per layer the
+    q, k, v and output projections, q k^T and softmax(.) v, and a fc1/fc2 MLP."""
+    patches = (tile_side(vision.image_size) // tile_side(vision.patch_size)) ** 2
+    seq = patches + (1 if cls else 0)
+    d, m = vision.hidden_size, vision.intermediate_size
+    embed = patches * vision.num_channels * tile_side(vision.patch_size) ** 2 * d
+    return embed + vision.num_hidden_layers * (4 * seq * d * d + 2 * seq * seq * d + 2 * seq * d * m)
 
 
 def _clip_macs(config, crops: int, layers: int) -> int:
@@ -278,23 +415,29 @@ def qwen_windows(config, rows: int, cols: int) -> list[int]:
 def _qwen_vit_macs(config, rows: int, cols: int) -> int:
     vision = config.vision_config
     patches = rows * cols
-    windowed = config.model_type == "qwen2_5_vl"
-    d = vision.hidden_size if windowed else vision.embed_dim
+    kind = config.model_type
+    d = vision.embed_dim if kind == "qwen2_vl" else vision.hidden_size
     embed = patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * d
     projections = 4 * patches * d * d  # qkv + proj
-    if windowed:
+    mergers = 1
+    if kind == "qwen2_5_vl":
         mlp = 3 * patches * d * vision.intermediate_size  # gate, up, down
         full = set(vision.fullatt_block_indexes)
         window_attention = 2 * d * sum(n * n for n in qwen_windows(config, rows, cols))
         attention = sum(2 * patches * patches * d if i in full else window_attention for i in range(vision.depth))
         out = vision.out_hidden_size
+    elif kind == "qwen3_vl":
+        mlp = 2 * patches * d * vision.intermediate_size  # fc1, fc2
+        attention = vision.depth * 2 * patches * patches * d
+        out = vision.out_hidden_size
+        mergers += len(vision.deepstack_visual_indexes)  # one more merger per DeepStack level
     else:
         mlp = 2 * patches * d * d * vision.mlp_ratio  # fc1, fc2
         attention = vision.depth * 2 * patches * patches * d
         out = vision.hidden_size
     merged = patches // vision.spatial_merge_size**2
     wide = d * vision.spatial_merge_size**2
-    merger = merged * (wide * wide + wide * out)
+    merger = mergers * merged * (wide * wide + wide * out)
     return embed + vision.depth * (projections + mlp) + attention + merger
 
 

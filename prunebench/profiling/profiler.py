@@ -1,10 +1,11 @@
 """`prunebench profile`: where a pruned VLM spends its time, stage by stage, against the hardware.
 
 Every method x budget runs the same synthetic batch (random token ids around one image-token
-block, random pixels: speed does not depend on content) through the engine. On LLaVA-NeXT and
-Qwen-VL the visual tokens depend on the image's size (``--image-size``, default 672x672 px: the
-largest anyres pinpoint of LLaVA-NeXT-7B, 2928 tokens; 576 tokens on Qwen2-VL, as LLaVA-1.5);
-LLaVA-1.5 resizes every image to its 336 px grid. Then: ``warmup`` untimed
+block, random pixels: speed does not depend on content) through the engine. On every backbone
+but LLaVA-1.5 the visual tokens depend on the image's size (``--image-size``, default 672x672 px:
+the largest anyres pinpoint of LLaVA-NeXT-7B, 2928 tokens; 576 tokens on Qwen2-VL, as LLaVA-1.5;
+441 on Qwen3-VL; 1280 on InternVL3, 4 tiles + thumbnail); LLaVA-1.5 resizes every image to its
+336 px grid. Then: ``warmup`` untimed
 passes, then ``repeats`` timed ones of prefill + ``decode_tokens`` greedy tokens, interleaved
 across the cells so that drifting device speed hits every cell alike. The engine's
 StageClock splits a pass into disjoint spans::
@@ -42,19 +43,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from prunebench.models.backbones import BUILTIN as BUILTIN_BACKBONES
+from prunebench.models.loading import BACKBONES as BUILTIN_BACKBONES
 from prunebench.budget import Budget, BudgetError
 from prunebench.engine.generate import DecodeConfig, PruningEngine
 from prunebench.profiling.flops import (
     FORMULA,
+    SMOLVLM,
     DecoderGeometry,
     anyres_crops,
     decode_flops_per_step,
     image_tokens,
+    internvl_tiles,
     kv_cache_bytes,
     prefill_flops,
     qwen_patch_grid,
     roofline_ms,
+    smolvlm_tiles,
+    tile_side,
     vision_flops,
 )
 from prunebench.engine.method import Method, create_method, parse_method_list
@@ -99,8 +104,10 @@ def synthetic_batch(config, batch_size: int, prompt_tokens: int, device: torch.d
                     image_size: tuple[int, int] = ProfileSettings.image_size) -> dict[str, torch.Tensor]:
     """``batch_size`` equal prompts of ``prompt_tokens`` random text tokens with one image block, and
     the vision inputs of one ``image_size`` (height, width) image each, shaped as the model's own
-    processor shapes them: LLaVA-1.5 ``(B, 3, 336, 336)``; LLaVA-NeXT ``(B, 1 + crops, 3, 336,
-    336)`` with ``image_sizes``; Qwen-VL ``(B x patches, 3 x 2 x 14 x 14)`` with ``image_grid_thw``."""
+    processor shapes them: LLaVA-1.5 ``(B, 3, 336, 336)``; LLaVA-NeXT / OneVision ``(B, 1 + crops,
+    3, S, S)`` with ``image_sizes``; Qwen-VL ``(B x patches, 3 x 2 x P x P)`` with
+    ``image_grid_thw``; InternVL ``(B x tiles, 3, 448, 448)`` with ``image_tiles``; SmolVLM
+    ``(B, tiles, 3, S, S)`` with ``pixel_attention_mask``."""
     image_token = config.image_token_id
     vocab = config.text_config.vocab_size
     generator = torch.Generator().manual_seed(seed)
@@ -114,9 +121,17 @@ def synthetic_batch(config, batch_size: int, prompt_tokens: int, device: torch.d
     extra: dict[str, torch.Tensor] = {}
     if config.model_type == "llava":
         shape = (batch_size, vision.num_channels, vision.image_size, vision.image_size)
-    elif config.model_type == "llava_next":
+    elif config.model_type in ("llava_next", "llava_onevision"):
         shape = (batch_size, anyres_crops(config, height, width), vision.num_channels, vision.image_size, vision.image_size)
         extra["image_sizes"] = torch.tensor([[height, width]] * batch_size)
+    elif config.model_type == "internvl":  # every image's tiles, one after the other
+        tiles, side = internvl_tiles(config, height, width), tile_side(vision.image_size)
+        shape = (batch_size * tiles, vision.num_channels, side, side)
+        extra["image_tiles"] = torch.tensor([tiles] * batch_size)
+    elif config.model_type in SMOLVLM:
+        tiles = smolvlm_tiles(config, height, width)
+        shape = (batch_size, tiles, vision.num_channels, vision.image_size, vision.image_size)
+        extra["pixel_attention_mask"] = torch.ones(batch_size, tiles, vision.image_size, vision.image_size, dtype=torch.bool)
     else:  # Qwen-VL: the flattened patches of every image, one after the other
         rows, cols = qwen_patch_grid(config, height, width)
         shape = (batch_size * rows * cols, vision.in_channels * vision.temporal_patch_size * vision.patch_size**2)

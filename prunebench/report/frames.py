@@ -61,6 +61,9 @@ METHOD_NAMES = {
     "pyramiddrop": "PyramidDrop",
     "autoselect": "AutoSelect",
     "gumbel": "Gumbel AE",
+    "cdpruner": "CDPruner",
+    "vispruner": "VisPruner",
+    "pool": "Pool",
 }
 
 

@@ -199,13 +199,22 @@ def _replicates(
     return [np.concatenate(c) for c in chunks]
 
 
-def bootstrap_interval(units: Units, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the score (native scale)."""
+def bootstrap_replicates(units: Units, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """``n_boot`` bootstrap replicates of the score (native scale)."""
     if len(units) == 0:
         raise StatsError("no samples to bootstrap")
     (reps,) = _replicates([units.statistic], units.strata, n_boot, seed)
-    low, high = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return reps
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
+
+
+def bootstrap_interval(units: Units, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the score (native scale)."""
+    return percentile_interval(bootstrap_replicates(units, n_boot, seed), level)
 
 
 # -- paired comparisons -----------------------------------------------------------------------

@@ -191,7 +191,7 @@ def rich_table(table: Table, columns: list[str] | None = None, title: str | None
     """The table (or its ``columns``) for the terminal, and notes for its shortened labels: one
     section per budget group, best values in bold."""
     cells = table.rendered("rich")
-    out = RichTable(title=title or table.title)
+    out = RichTable(title=title or table.title, min_width=len(title or table.title))  # the title on one line
     levels = list(table.frame.index.names)
     for name in levels:
         out.add_column("K" if name == "Budget" else str(name), style="bold" if name == levels[0] else None, no_wrap=True)

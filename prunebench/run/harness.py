@@ -1,15 +1,20 @@
 """`prunebench run`: methods x budgets x tasks through lmms-eval, one record per cell, resumable.
 
-Every input is checked before any work (methods, budgets, task names, task data, results
-directory, model). The unpruned baseline runs once per (model, task) and is reused by every
-method. A finished cell is never recomputed unless ``--force``; a cell another live run is
-computing is skipped. A failing cell stops the run with its error: nothing turns into an empty
-answer, and the records already written stay.
+Every input is checked before any cell runs: the command line, task names, every --task-data
+file (read as its task reads it, prunebench.run.taskdata), the results folders, the model, every
+(method, budget) schedule against its depth and visual tokens, the methods it can serve, and the
+questions against its positions. A record's key digests the contents behind its cell
+(prunebench.run.inputs), so a changed input is a new record. The unpruned baseline runs once per
+(model, task) and is reused by every method. A finished cell is never recomputed unless
+``--force``; a cell another live run is computing is skipped, naming its lock. A failing cell
+stops the run with its error: nothing turns into an empty answer, and the records already
+written stay.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -19,13 +24,14 @@ from statistics import mean
 
 import torch
 
-from prunebench.run import distributed
-from prunebench.run import taskspec
 from prunebench.budget import Budget, BudgetError
+from prunebench.engine.method import Method, MethodError, check_stages, create_method, parse_method_list
 from prunebench.errors import UserError
-from prunebench.engine.method import Method, MethodError, create_method, parse_method_list
-from prunebench.run.console import LOG_NAME, RunProgress, lmms_eval_output
+from prunebench.models.loading import DTYPES
 from prunebench.results import Record, RecordKey, ResultStore, cell_fields, cpu_name, provenance
+from prunebench.run import distributed, inputs, taskspec
+from prunebench.run.console import LOG_NAME, RunProgress, lmms_eval_output
+from prunebench.run.taskdata import TaskData, check_task_data
 
 # the trained tiny LLaVA shipped in prunebench/models/assets (README "Status" gives its accuracy)
 DEFAULT_MODEL = "builtin:tiny-llava"
@@ -43,6 +49,10 @@ BUILTIN_DEFAULTS = {
     "dart": "the paper's layer 2, as FastV",
     "visionzip": "the paper's settings (pre-LLM)",
     "divprune": "the paper's settings (pre-LLM)",
+    "vispruner": "the official code's default split (half important by CLS attention, half diverse; pre-LLM)",
+    "cdpruner:text=llm": "the built-in model has no CLIP text tower: relevance from its LLM's embeddings of the "
+                         "question, as OpenVINO's port for models without one (text=clip is the official path)",
+    "pool": "average pooling of the projected 24x24 grid to the largest grid of at most K cells (sides <= 2:1)",
     "autoselect": "the checkpoint shipped for this model and budget (trained at that K, dropping tokens as inference "
                   "does)",
     "gumbel": "the checkpoint shipped for this model",
@@ -71,6 +81,8 @@ class RunSettings:
     """Everything `prunebench run` needs; the command line fills it (prunebench.commands.run)."""
 
     model: str = DEFAULT_MODEL
+    revision: str | None = None  # hub branch, tag or commit of the model (records: model@revision)
+    trust_remote_code: bool = False  # let the checkpoint run its own code
     methods: str | None = None  # comma list of method specs; None: default_methods(model)
     tasks: str = DEFAULT_TASKS
     budgets: str = DEFAULT_BUDGETS
@@ -119,28 +131,41 @@ def plan(methods: list[Method], budgets: list[Budget], tasks: list[str], floor: 
     return cells
 
 
-def check_schedules(methods: list[Method], budgets: list[Budget], n_visual: int, num_layers: int, model: str,
-                    varies: bool = False, floor: bool = False) -> dict[tuple[str, str], str]:
-    """Check every (method, budget) on this model before any cell runs; returns the pairs whose
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the schedules and prompts are checked against before any work."""
+
+    name: str
+    num_layers: int
+    n_visual: int  # visual tokens of one image (the most one image gives when ``varies``)
+    varies: bool  # the count depends on the image (LLaVA-NeXT, Qwen-VL, ...)
+
+
+def check_schedules(methods: list[Method], budgets: list[Budget], model: ModelFacts,
+                    floor: bool = False) -> dict[tuple[str, str], str]:
+    """Check every (method, budget) on this model before any cell runs (a method's other needs, a
+    signal or a checkpoint's width, are probed by ``servable_methods``); returns the pairs whose
     budget the method's schedule cannot meet here ((spec, budget) -> the reason): they are not run,
     and the report shows them as "–" with the reason. Refused: any other schedule error, a method
     that meets none of the budgets, a budget no method meets, and a floor control that cannot run.
 
-    ``varies``: the visual tokens depend on the image (LLaVA-NeXT, Qwen-VL) and ``n_visual`` is the
-    most one image can give; a budget is checked against that image, so the layer checks hold for
-    every image and a K no image can meet fails here. An image with fewer tokens than an absolute K
-    fails when it is reached, naming the sample (prunebench.run.lmms_bridge); records already written stay.
+    ``model.varies``: the visual tokens depend on the image (LLaVA-NeXT, Qwen-VL) and ``n_visual``
+    is the most one image can give; a budget is checked against that image, so the layer checks
+    hold for every image and a K no image can meet fails here. An image with fewer tokens than an
+    absolute K fails when it is reached, naming the sample (prunebench.run.lmms_bridge); records
+    already written stay.
     """
-    tokens = f"up to {n_visual} visual tokens per image" if varies else f"{n_visual} visual tokens"
+    tokens = f"up to {model.n_visual} visual tokens per image" if model.varies else f"{model.n_visual} visual tokens"
 
     def context(method: Method, budget: Budget, err: Exception) -> str:
-        return f"{method.spec()} at budget {budget} on {model} ({tokens}, {num_layers} decoder layers): {err}"
+        return f"{method.spec()} at budget {budget} on {model.name} ({tokens}, {model.num_layers} decoder layers): {err}"
 
     failed: dict[tuple[int, Budget], BudgetError] = {}
     for i, method in enumerate(methods):
         for budget in [*budgets, *([Budget.floor_control()] if floor and method.stage == "llm" else [])]:
             try:
-                method.stages(n_visual, budget, num_layers)
+                check_stages(method, method.stages(model.n_visual, budget, model.num_layers), model.n_visual,
+                             model.num_layers)
             except MethodError as err:
                 raise MethodError(context(method, budget, err)) from None
             except BudgetError as err:
@@ -157,17 +182,91 @@ def check_schedules(methods: list[Method], budgets: list[Budget], n_visual: int,
             for (i, budget), err in failed.items()}
 
 
-def _visual_token_bound(engine, processor) -> tuple[int, bool]:
-    """(the most visual tokens one image gives this model, whether the count varies per image)."""
+def check_prompts(data: TaskData, processor, model: ModelFacts, max_positions: int | None) -> None:
+    """Every question of a --task-data file the run evaluates fits the model's positions, image
+    tokens included (where the count varies per image, the bridge checks each batch instead)."""
+    if max_positions is None or model.varies:
+        return
+    from prunebench.run.lmms_bridge import build_prompt, check_prompt_length
+
+    tokenizer = processor.tokenizer
+    for row, text in data.questions:
+        length = len(tokenizer(build_prompt(processor, text))["input_ids"]) - 1 + model.n_visual
+        check_prompt_length(length, max_positions, f"--task-data {data.task}={data.path} row {row}")
+
+
+def _model_facts(name: str, engine, processor) -> ModelFacts:
     from prunebench.profiling.flops import max_image_tokens
 
     config = engine.model.config
-    return max_image_tokens(config, getattr(processor, "image_processor", None)), config.model_type != "llava"
+    n_visual = max_image_tokens(config, getattr(processor, "image_processor", None))
+    return ModelFacts(name, engine.adapter.num_layers, n_visual, config.model_type != "llava")
+
+
+def _listed(flag: str, text: str, parse) -> list:
+    """A comma list of a flag: no empty item, no item twice."""
+    items = [part.strip() for part in text.split(",")]
+    if not text.strip() or not all(items):
+        raise UserError(f"{flag} {text!r}: give a comma-separated list with no empty item")
+    values = [parse(item) for item in items]
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise UserError(f"{flag} {text!r}: {', '.join(twice)} given twice")
+    return values
+
+
+@dataclass
+class Inputs:
+    """A run's inputs, all checked: what `run` computes from."""
+
+    methods: list[Method]
+    budgets: list[Budget]
+    tasks: list[str]
+    task_data: dict[str, TaskData]
+    device: str
+    store: ResultStore
+
+
+def check_inputs(args: RunSettings, world: distributed.World) -> Inputs:
+    """Everything that can be checked without the model: the command line, the task names and
+    every --task-data file (opened and read as the task reads it), the results folder."""
+    listed = default_methods(args.model) if args.methods is None else args.methods
+    methods = [create_method(spec) for spec in parse_method_list(listed)]
+    specs = [m.spec() for m in methods]
+    if twice := sorted({spec for spec in specs if specs.count(spec) > 1}):
+        raise MethodError(f"--methods: {', '.join(twice)} given twice")
+    budgets = _listed("--budgets", args.budgets, Budget.parse)
+    tasks = _listed("--tasks", args.tasks, taskspec.canonical)
+    paths = taskspec.parse_task_data(args.task_data, tasks)
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit {args.limit}: give a positive number of samples")
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(args.model)
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size {args.batch_size}: must be positive")
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive")
+    if args.vision_cache_mb is not None and args.vision_cache_mb < 0:
+        raise UserError(f"--vision-cache-mb {args.vision_cache_mb}: give 0 (off) or a positive size in MB")
+    if not args.results.strip():
+        raise UserError("--results '': give a results folder (default: results)")
+    if args.dtype != "auto" and args.dtype not in DTYPES:
+        raise UserError(f"--dtype {args.dtype}: unknown; valid choices: auto, {', '.join(DTYPES)}")
+    device = _device(args.device, world)
+    store = ResultStore(args.results)
+    store.check_writable()
+    taskspec.check_known(tasks)
+    for task in tasks:
+        taskspec.check_data_reachable(task, paths.get(task))
+    task_data = {task: check_task_data(task, path, args.limit) for task, path in paths.items()}
+    return Inputs(methods, budgets, tasks, task_data, device, store)
 
 
 def run(args: RunSettings) -> list[Record]:
-    """Plan, check and run every cell; returns the records of this run's cells (cached or computed)."""
+    """Check every input, then run every cell; returns the records of this run's cells (cached or
+    computed)."""
     from rich.console import Console
+    from rich.markup import escape
 
     world = distributed.current()
     # the real stderr, bound now: lmms-eval's output is redirected to a log while cells run
@@ -180,41 +279,33 @@ def run(args: RunSettings) -> list[Record]:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" of a local model (downloads keep theirs)
-    # 1. everything that can be checked without the model or lmms-eval
-    methods = [create_method(spec) for spec in parse_method_list(args.methods or default_methods(args.model))]
-    budgets = [Budget.parse(b) for b in args.budgets.split(",") if b.strip()]
-    tasks = [taskspec.canonical(t) for t in args.tasks.split(",") if t.strip()]
-    task_data = taskspec.parse_task_data(args.task_data)
-    if args.limit is not None and args.limit <= 0:
-        raise UserError(f"--limit {args.limit}: give a positive number of samples")
-    if args.batch_size is None:
-        args.batch_size = default_batch_size(args.model)
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size {args.batch_size}: must be positive")
-    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be positive")
-    if args.vision_cache_mb is not None and args.vision_cache_mb < 0:
-        raise UserError(f"--vision-cache-mb {args.vision_cache_mb}: give 0 (off) or a positive size in MB")
-    store = ResultStore(args.results)
-    store.check_writable()
-    device = _device(args.device, world)
+    # 1. everything that can be checked without the model
+    checked = check_inputs(args, world)
+    store, device = checked.store, checked.device
     distributed.init(world, device)
 
-    # 2. the model (a missing checkpoint fails here, within seconds)
+    # 2. the model (a missing checkpoint fails here, within seconds), and what depends on it
     from prunebench.engine.generate import PruningEngine
     from prunebench.models.loading import cpu_dtype, load_model
+    from prunebench.run.servable import servable_methods
 
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else cpu_dtype())
-    model, processor = load_model(args.model, device=device, dtype=dtype)
+    model, processor = load_model(args.model, device=device, dtype=dtype, revision=args.revision,
+                                  trust_remote_code=args.trust_remote_code)
     engine = PruningEngine(model, processor.tokenizer)
-    n_visual, varies = _visual_token_bound(engine, processor)
-    unreachable = check_schedules(methods, budgets, n_visual, engine.adapter.num_layers, args.model, varies, args.floor)
+    facts = _model_facts(args.model, engine, processor)
+    unreachable = check_schedules(checked.methods, checked.budgets, facts, args.floor)
+    methods = servable_methods(checked.methods, engine, processor, args.model, listed=args.methods is not None,
+                               note=console.print)
+    for data in checked.task_data.values():
+        check_prompts(data, processor, facts, engine.adapter.max_positions)
 
-    # 3. tasks (needs lmms-eval's task index)
-    taskspec.check_known(tasks)
-    for task in tasks:
-        taskspec.check_data_reachable(task, task_data.get(task))
-    cells = plan(methods, budgets, tasks, args.floor, unreachable)
+    # 3. the cells, keyed by their inputs' contents; the stored ones must be readable
+    cells = plan(methods, checked.budgets, checked.tasks, args.floor, unreachable)
+    keys, cell_inputs = _keys(cells, args, processor, checked.task_data)
+    store.check_writable(keys)
+    stored = {} if args.force else {key: store.load(key) for key in keys if store.has(key)}
+    _check_stored_dtypes(store, stored, dtype)
     if args.vision_cache_mb is None:
         args.vision_cache_mb = 0 if device.startswith("cuda") else 2048
     provenance = _provenance(args, device, dtype)
@@ -222,37 +313,36 @@ def run(args: RunSettings) -> list[Record]:
     from prunebench.run.lmms_bridge import RunCache
 
     cache = RunCache(args.vision_cache_mb << 20)
-    settings = {task: taskspec.data_setting(task_data.get(task)) for task in tasks}
-    keys = [RecordKey(args.model, cell.method.spec(), str(cell.budget), cell.task, args.limit, settings[cell.task])
-            for cell in cells]
-    if not args.force:
-        _check_stored_dtypes(store, keys, dtype)
     chosen = " (the default here; --dtype to change)" if args.dtype == "auto" else ""
     console.print(f"{args.model} on {device} in {dtype}{chosen}: {len(cells)} cell{'s' * (len(cells) != 1)}, "
-                  f"results in {store.root}" + ("" if args.verbose else f" (lmms-eval's log: {store.root / LOG_NAME})"))
+                  f"results in {escape(str(store.root))}"
+                  + ("" if args.verbose else f" (lmms-eval's log: {escape(str(store.root / LOG_NAME))})"))
     if world.main:
-        finished += _record_unreachable(store, unreachable, methods, settings, args, provenance, console)
+        finished += _record_unreachable(store, unreachable, methods, checked.tasks, args, processor,
+                                        checked.task_data, provenance, console)
     with RunProgress(console, len(cells), args.verbose) as progress:
-        for cell, key in zip(cells, keys):
+        for cell, key, described in zip(cells, keys, cell_inputs):
             cache.start_task(cell.task)
             progress.start_cell(cell.label)
-            action = distributed.broadcast(_decide(store, key, args.force) if world.main else None, world)
-            if action == "cached":
-                finished.append(store.load(key))
-                progress.finish_cell(cell.label, "cached")
-                continue
-            if action == "busy":
-                progress.notice(f"[yellow]skipped[/] {cell.label}: another run is computing it")
-                progress.finish_cell(cell.label, "skipped")
-                continue
             try:
-                spec = taskspec.task_spec(cell.task, task_data.get(cell.task), Path(store.root) / ".task-data")
-                with lmms_eval_output(store.root, args.verbose):
-                    record, samples = evaluate_cell(cell, key, spec, engine, processor, args, provenance, progress,
-                                                    world, cache)
+                action = distributed.broadcast(_decide(store, key, args.force, cell, progress) if world.main else None,
+                                               world)
+                if action == "cached":
+                    finished.append(stored[key] if key in stored else store.load(key))  # or finished meanwhile
+                    progress.finish_cell(cell.label, "cached")
+                    continue
+                if action == "busy":
+                    progress.finish_cell(cell.label, "skipped")
+                    continue
+                spec = taskspec.task_spec(cell.task, _data_path(checked.task_data, cell.task),
+                                          Path(store.root) / ".task-data")
+                with lmms_eval_output(store.root, args.verbose), \
+                        store.heartbeat(key) if world.main else contextlib.nullcontext():
+                    record, samples = evaluate_cell(cell, key, spec, engine, processor, args,
+                                                    {**provenance, "inputs": described}, progress, world, cache)
                 if world.main:
                     store.write(record, samples)
-            finally:
+            finally:  # the lock, if this run took it: SIGTERM and Ctrl-C land here too
                 if world.main:
                     store.release(key)
             if world.main:
@@ -266,40 +356,76 @@ def run(args: RunSettings) -> list[Record]:
     return finished
 
 
+def _data_path(task_data: dict[str, TaskData], task: str) -> str | None:
+    return str(task_data[task].path) if task in task_data else None
+
+
+def _keys(cells: list[Cell], args: RunSettings, processor, task_data: dict[str, TaskData]):
+    """Each cell's record key, its ``inputs`` a digest of the contents behind the cell
+    (prunebench.run.inputs), and those contents as the record's provenance describes them."""
+    shared = {"model": inputs.model_digest(args.model, args.revision), "prompt": inputs.prompt_digest(processor),
+              "decoding": {"max_new_tokens": args.max_new_tokens, "seed": args.seed}}
+    model_name = args.model + (f"@{args.revision}" if args.revision else "")  # another revision, other records
+    method_parts = {cell.method.spec(): inputs.method_digest(cell.method) for cell in cells}
+    keys, described = [], []
+    for cell in cells:
+        data = task_data.get(cell.task)
+        parts = {**shared, "task": data.sha256 if data else None, "method": method_parts[cell.method.spec()]}
+        keys.append(RecordKey(model_name, cell.method.spec(), str(cell.budget), cell.task, args.limit,
+                              inputs=inputs.key_digest(parts)))
+        described.append({**parts, **({"task_data": data.describe()} if data else {})})
+    return keys, described
+
+
 def _record_unreachable(store: ResultStore, unreachable: dict[tuple[str, str], str], methods: list[Method],
-                        settings: dict[str, str | None], args, provenance: dict, console) -> list[Record]:
+                        tasks: list[str], args: RunSettings, processor, task_data: dict[str, TaskData],
+                        provenance: dict, console) -> list[Record]:
     """An "unreachable" record per task for each (method, budget) not run, with the reason, so
     that the report shows the cell as "–" and says why."""
-    by_spec = {m.spec(): m for m in methods}
+    from rich.markup import escape
+
+    by_spec = {m.spec(): m for m in methods}  # a method dropped as not servable has no cells at all
+    pairs = [(spec, budget) for spec, budget in unreachable if spec in by_spec]
+    cells = [Cell(by_spec[spec], Budget.parse(budget), task) for spec, budget in pairs for task in tasks]
+    keys, _ = _keys(cells, args, processor, task_data)
+    for spec, budget in pairs:
+        console.print(f"[yellow]not run[/] {escape(spec)} @ {budget}: {escape(unreachable[spec, budget])}")
     written = []
-    for (spec, budget), reason in unreachable.items():
-        console.print(f"[yellow]not run[/] {spec} @ {budget}: {reason}")
-        method = by_spec[spec]
-        for task, setting in settings.items():
-            record = Record(key=RecordKey(args.model, spec, budget, task, args.limit, setting), kind="unreachable",
-                            method_options={f.name: getattr(method, f.name) for f in method.options()},
-                            stage=method.stage, position_policy=method.positions,
-                            provenance={**provenance, "reason": reason})
-            store.write(record)
-            written.append(record)
+    for cell, key in zip(cells, keys):
+        record = Record(key=key, kind="unreachable",
+                        **{k: v for k, v in cell_fields(cell.method, cell.budget, 0, 0, 0).items() if k != "visual_tokens"},
+                        provenance={**provenance, "reason": unreachable[cell.method.spec(), str(cell.budget)]})
+        store.write(record)
+        written.append(record)
     return written
 
 
-def _check_stored_dtypes(store: ResultStore, keys: list[RecordKey], dtype: str) -> None:
+def _check_stored_dtypes(store: ResultStore, stored: dict[RecordKey, Record], dtype: str) -> None:
     """Refuse, before computing anything, to reuse cells stored in another precision: one table
     would mix them (the default precision depends on the device)."""
-    for key in keys:
-        if store.has(key) and (stored := store.load(key).provenance.get("dtype", dtype)) != dtype:
+    for key, record in stored.items():
+        if (other := record.provenance.get("dtype", dtype)) != dtype:
             raise UserError(
-                f"{store.record_path(key)} was computed in {stored} and this run uses {dtype}: pass --dtype {stored} "
+                f"{store.record_path(key)} was computed in {other} and this run uses {dtype}: pass --dtype {other} "
                 f"to reuse the stored cells, --force to recompute them in {dtype}, or another --results directory")
 
 
-def _decide(store: ResultStore, key: RecordKey, force: bool) -> str:
-    """"cached" (a record exists), "busy" (another live run holds the cell) or "run" (claimed)."""
+def _decide(store: ResultStore, key: RecordKey, force: bool, cell: Cell, progress: RunProgress) -> str:
+    """"cached" (a record exists), "busy" (another live run holds the cell) or "run" (claimed),
+    saying so when a lock is taken over or held elsewhere."""
+    from rich.markup import escape
+
     if store.has(key) and not force:
         return "cached"
-    return "run" if store.claim(key) else "busy"
+    claim = store.claim(key, force)
+    if claim.notice:
+        progress.notice(f"[yellow]{escape(claim.notice)}[/]")
+    if claim.acquired:
+        return "run"
+    holder = claim.holder.describe() if claim.holder else "another run"
+    progress.notice(f"[yellow]skipped[/] {escape(cell.label)}: {escape(holder)} is computing it "
+                    f"(lock {escape(str(claim.lock))}; --force recomputes it anyway)")
+    return "busy"
 
 
 def evaluate_cell(cell: Cell, key: RecordKey, spec, engine, processor, args, provenance: dict,
@@ -397,6 +523,9 @@ def _timing(stats) -> dict[str, float]:
     }
 
 
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
 def _prefill_tflops(engine, stats) -> dict[str, float]:
     """Mean per-sample LLM prefill TFLOPs at the tokens each layer saw (prunebench.profiling.flops),
     as `prunebench profile` counts them; nothing for a decoder the FLOPs model does not cover."""
@@ -413,8 +542,15 @@ def _prefill_tflops(engine, stats) -> dict[str, float]:
 def _device(name: str, world: distributed.World) -> str:
     if name == "auto":
         return f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    kind, colon, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (colon and (kind != "cuda" or not index.isdigit())):
+        raise UserError(f"--device {name!r}: unknown device; valid: {DEVICES}")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
     return name
 
 

@@ -24,6 +24,7 @@ from prunebench.budget import Budget, BudgetError
 from prunebench.engine.generate import DecodeConfig, EncodedImages, PruningEngine
 from prunebench.engine.method import Method
 from prunebench.engine.timing import StageClock
+from prunebench.errors import UserError
 
 IMAGE_TOKEN = "<image>"  # lmms-eval's own placeholder in a context, and LLaVA's
 
@@ -74,6 +75,32 @@ class RunCache:
         if self._bytes + batch.nbytes <= self.max_bytes:
             self._batches[key] = batch
             self._bytes += batch.nbytes
+
+
+def build_prompt(processor, context: str) -> str:
+    """The model's chat template around the image and the question when the processor has one;
+    otherwise LLaVA-1.5's conversation format with the model's own image placeholder."""
+    text = context if IMAGE_TOKEN in context else f"{IMAGE_TOKEN}\n{context}"
+    template = getattr(processor, "chat_template", None)
+    if template:
+        question = text.replace(IMAGE_TOKEN, "").lstrip("\n")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    # Qwen-VL's image block is <|vision_start|><|image_pad|><|vision_end|>; LLaVA's is <image>
+    placeholder = QWEN_IMAGE if isinstance(processor, QwenVLInputs) else IMAGE_TOKEN
+    return f"USER: {text.replace(IMAGE_TOKEN, placeholder)} ASSISTANT:"
+
+
+class PromptError(UserError, ValueError):
+    """A prompt the model cannot take: longer than its positions, or with no question."""
+
+
+def check_prompt_length(length: int, max_positions: int | None, where: str) -> None:
+    if max_positions is not None and length > max_positions:
+        raise PromptError(
+            f"{where}: the prompt is {length} tokens (image tokens included), more than the model's "
+            f"{max_positions} positions; shorten the question or drop the sample"
+        )
 
 
 @dataclass
@@ -154,47 +181,74 @@ class PrunedVLM(lmms):
     def _generate(self, requests: list[Instance]) -> list[str]:
         contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*(r.args for r in requests))
         key = (tasks, splits, doc_ids, contexts)
-        kept = self.cache.get(key)
+        kept = None if self.resizes else self.cache.get(key)  # a resized image is another input
+        originals, budget = None, self.budget
         if kept is None:
             images = [
                 self._image(fn, self.task_dict[task][split][doc_id], task)
                 for fn, doc_id, task, split in zip(doc_to_visual, doc_ids, tasks, splits)
             ]
+            if self.resizes:
+                images, originals, budget = self._resized(images, tasks, doc_ids)
             inputs = self._encode([self._prompt(c) for c in contexts], images)
         else:
             inputs = kept.inputs
+        for task, doc_id, length in zip(tasks, doc_ids, inputs["attention_mask"].sum(-1).tolist()):
+            check_prompt_length(length, self.engine.adapter.max_positions, f"{task} doc {doc_id}")
         decode = self._decode_config(dict(gen_kwargs[0]))
         clock = StageClock(self.engine.device)
         with self._naming_samples(inputs, tasks, doc_ids):
             gen = self.engine.generate(
                 inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                method=self.method, budget=self.budget, decode=decode, clock=clock,
+                method=self.method, budget=budget, decode=decode, clock=clock,
                 image_inputs=self.engine.adapter.image_inputs(inputs), images=kept and kept.images,
-                return_images=kept is None and self.cache.max_bytes > 0,
+                return_images=kept is None and self.cache.max_bytes > 0 and not self.resizes,
             )
         timings = gen.timings
         if kept is not None:
             timings = {**timings, "vision": kept.vision_ms}
         elif gen.images is not None:
             self.cache.put(key, Batch(inputs, gen.images, timings["vision"]))
-        self._record(inputs, timings, gen.visual_tokens, [len(t) for t in gen.tokens], tasks, doc_ids)
+        self._record(inputs, timings, gen.visual_tokens, [len(t) for t in gen.tokens], tasks, doc_ids, originals)
         return gen.texts
 
     def _loglikelihood(self, context: str, continuation: str, image: Image.Image, task: str, doc_id: int):
         prompt = self._prompt(context)
+        originals, budget = None, self.budget
+        if self.resizes:
+            (image,), originals, budget = self._resized([image], [task], [doc_id])
         inputs = self._encode([prompt], [image])
         target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         if target.numel() == 0:
-            raise ValueError(f"{task} doc {doc_id}: empty continuation {continuation!r}")
+            raise PromptError(f"{task} doc {doc_id}: empty continuation {continuation!r}; the task gives nothing to score")
+        length = int(inputs["attention_mask"].sum()) + len(target) - 1
+        check_prompt_length(length, self.engine.adapter.max_positions, f"{task} doc {doc_id} (with its continuation)")
         clock = StageClock(self.engine.device)
         with self._naming_samples(inputs, [task], [doc_id]):
             logprobs, greedy, visual_tokens = self.engine.score_continuation(
                 inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], target.to(self.engine.device),
-                method=self.method, budget=self.budget, clock=clock,
+                method=self.method, budget=budget, clock=clock,
                 image_inputs=self.engine.adapter.image_inputs(inputs),
             )
-        self._record(inputs, clock.summary(), visual_tokens, [len(target)], [task], [doc_id])
+        self._record(inputs, clock.summary(), visual_tokens, [len(target)], [task], [doc_id], originals)
         return float(logprobs.sum()), bool(greedy)
+
+    @property
+    def resizes(self) -> bool:
+        """Whether the method acts on the image before the processor (``Method.resize_image``)."""
+        return self.method is not None and self.method.resizes_images and not self.budget.is_all
+
+    def _resized(self, images: list[Image.Image], tasks, doc_ids) -> tuple[list[Image.Image], list[int], Budget]:
+        """The images the method makes of them at this budget, the originals' visual-token counts, and
+        the budget the engine then runs at (all: the resized image is the pruning)."""
+        tokens_at = visual_tokens_at(self.processor)
+        out = []
+        for image, task, doc_id in zip(images, tasks, doc_ids):
+            try:
+                out.append(self.method.resize_image(image, self.budget, tokens_at))
+            except BudgetError as err:
+                raise BudgetError(f"{task} doc {doc_id} ({image.height}x{image.width} px): {err}") from None
+        return out, [tokens_at(image.height, image.width) for image in images], Budget.all()
 
     def _image(self, doc_to_visual, doc, task: str) -> Image.Image:
         visuals = doc_to_visual(doc)
@@ -206,17 +260,7 @@ class PrunedVLM(lmms):
         return visuals[0].convert("RGB")
 
     def _prompt(self, context: str) -> str:
-        """The model's chat template around the image and the question when the processor has one;
-        otherwise LLaVA-1.5's conversation format with the model's own image placeholder."""
-        text = context if IMAGE_TOKEN in context else f"{IMAGE_TOKEN}\n{context}"
-        template = getattr(self.processor, "chat_template", None)
-        if template:
-            question = text.replace(IMAGE_TOKEN, "").lstrip("\n")
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        # Qwen-VL's image block is <|vision_start|><|image_pad|><|vision_end|>; LLaVA's is <image>
-        placeholder = QWEN_IMAGE if isinstance(self.processor, QwenVLInputs) else IMAGE_TOKEN
-        return f"USER: {text.replace(IMAGE_TOKEN, placeholder)} ASSISTANT:"
+        return build_prompt(self.processor, context)
 
     def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """Token ids, pixels (in the model's dtype) and the extra image inputs the backbone needs
@@ -285,10 +329,22 @@ class PrunedVLM(lmms):
             stop=tuple(s for s in until if s),
         )
 
-    def _record(self, inputs, timings: dict[str, float], visual_tokens: torch.Tensor, new_tokens: list[int], tasks, doc_ids) -> None:
+    def _record(self, inputs, timings: dict[str, float], visual_tokens: torch.Tensor, new_tokens: list[int], tasks, doc_ids,
+                n_visual: list[int] | None = None) -> None:
+        """``n_visual``: the images' visual tokens before pruning, when the inputs hold resized images."""
         share = {k: v / len(doc_ids) for k, v in timings.items()}
-        n_visual = (inputs["input_ids"] == self.engine.adapter.image_token_id).sum(-1).tolist()
+        if n_visual is None:
+            n_visual = (inputs["input_ids"] == self.engine.adapter.image_token_id).sum(-1).tolist()
         prompt = inputs["attention_mask"].sum(-1).tolist()
         for b, (task, doc_id) in enumerate(zip(tasks, doc_ids)):
             self.stats[(task, doc_id)] = SampleStats(n_visual[b], visual_tokens[b].tolist(), new_tokens[b], share,
                                                      prompt[b])
+
+
+def visual_tokens_at(processor) -> Callable[[int, int], int]:
+    """``tokens(height, width)``: the visual tokens the processor gives one image of that size."""
+    image_processor = processor.image_processor
+    merge = getattr(image_processor, "merge_size", None)
+    if merge is not None:  # Qwen-VL: patches of the smart-resized image, 2x2 merged
+        return lambda height, width: image_processor.get_number_of_image_patches(height, width, {}) // merge**2
+    return lambda height, width: processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]

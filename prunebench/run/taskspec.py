@@ -13,12 +13,11 @@ record: the file's digest is part of its key (:func:`data_setting`).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import socket
 from pathlib import Path
 
 from prunebench.errors import UserError
+from prunebench.models.hub import hub_reachable
 from prunebench.tasks import GENERATED
 
 ALIASES = {
@@ -87,31 +86,35 @@ def check_data_reachable(task: str, data: str | None) -> None:
     dataset = base_config(task).get("dataset_path", "")
     if not dataset or os.path.exists(dataset) or "/" not in dataset:
         return
+    if dataset_in_cache(dataset):
+        return
     from huggingface_hub import constants
 
-    cached = Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}"
-    if cached.exists():
-        return
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-    if offline or not _hub_reachable(constants.ENDPOINT):
+    status = hub_status()
+    if status != "reachable":
         raise TaskError(
             f"task {task!r} needs the dataset {dataset!r}, which is not in the local cache "
             f"({constants.HF_HUB_CACHE}; HF_HOME={constants.HF_HOME}) and the hub "
-            f"{'is disabled (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set)' if offline else 'cannot be reached'}. "
+            f"{'is disabled (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set)' if status == 'offline' else 'cannot be reached'}. "
             f"Download it on a connected machine (`hf download --repo-type dataset {dataset}`) and copy "
             f"HF_HOME over, or run the task on local data: --task-data {task}=/path/file.parquet"
         )
 
 
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    from urllib.parse import urlparse
+def dataset_in_cache(dataset: str) -> bool:
+    """A hub dataset has been downloaded into the local Hugging Face cache."""
+    from huggingface_hub import constants
 
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return (Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").exists()
+
+
+def hub_status() -> str:
+    """"offline" (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set), "reachable" or "unreachable"."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return "offline"
+    return "reachable" if hub_reachable(constants.ENDPOINT) else "unreachable"
 
 
 def base_config(task: str) -> dict:
@@ -155,20 +158,6 @@ def _override(task: str, path: str, alias: str | None = None) -> dict:
     return spec
 
 
-def data_setting(path: str | None) -> str | None:
-    """What a record key holds about a task's local data: the digest of the file, so that a cell
-    on other data is another record (None: the task's own data)."""
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise TaskError(f"task data {path!r} does not exist")
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"data={digest.hexdigest()[:12]}"
-
-
 def draw_generated(name: str, seed: int, size: int, out: str | Path) -> Path:
     """Write the generated task ``name`` drawn with another ``seed`` (``size`` samples) as a parquet
     file that ``--task-data NAME=PATH`` runs; the evaluation stream stays disjoint from training."""
@@ -186,11 +175,19 @@ def draw_generated(name: str, seed: int, size: int, out: str | Path) -> Path:
     return out
 
 
-def parse_task_data(items: list[str]) -> dict[str, str]:
-    out = {}
+def parse_task_data(items: list[str], tasks: list[str]) -> dict[str, str]:
+    """``TASK=PATH`` items -> {task: path}: each task among ``tasks``, given once. A generated task
+    takes a set drawn with another seed (``prunebench draw-task``) like an lmms-eval task takes its data."""
+    out: dict[str, str] = {}
     for item in items:
-        task, eq, path = item.partition("=")
+        name, eq, path = item.partition("=")
+        task, path = canonical(name), path.strip()
         if not eq or not task or not path:
             raise TaskError(f"--task-data {item!r}: write TASK=PATH (e.g. pope=/data/pope.parquet)")
-        out[canonical(task)] = path
+        if task not in tasks:
+            raise TaskError(f"--task-data {item!r}: {task} is not among --tasks ({', '.join(tasks)}); add it there "
+                            "or drop this --task-data")
+        if task in out:
+            raise TaskError(f"--task-data {task} given twice ({out[task]!r} and {path!r})")
+        out[task] = path
     return out

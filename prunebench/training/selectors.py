@@ -488,6 +488,9 @@ class CheckpointScorer:
             check_weights(self.directory, build_from_record(self.record, self.directory))
         self._loaded: tuple[tuple[str, int], nn.Module] | None = None
 
+    def files(self) -> list[Path]:
+        return [self.directory / CONFIG_NAME, self.directory / WEIGHTS_NAME]
+
     def module(self, device: torch.device, vision_width: int) -> nn.Module:
         key = (str(device), vision_width)
         if self._loaded is None or self._loaded[0] != key:
@@ -582,8 +585,19 @@ class CheckpointSelector(Method):
             self.scorer(stages[0].keep)  # no checkpoint for this K: refused before any work
         return stages
 
+    def input_files(self) -> list[Path]:
+        """The checkpoint files behind this method's records: the one checkpoint, or every shipped
+        per-budget one (the method's records share one digest)."""
+        if not self.per_budget:
+            return self._scorers[None].files()
+        return [f for k in shipped_budgets(self.name) for f in self.scorer(k).files()]
+
     def select(self, ctx: StageContext) -> Selection:
-        if all(k == n for n, k in zip(ctx.n_visual, ctx.keep)):  # budget all: every token, no scorer needed
+        if all(k == n for n, k in zip(ctx.n_visual, ctx.keep)):  # budget all: every token, no scoring
+            # still what scoring needs: per-token vision features this checkpoint fits (the pre-run probe)
+            width = ctx.vision_features.shape[-1]
+            budgets = shipped_budgets(self.name) if self.per_budget else [None]
+            self.scorer(budgets[0]).module(ctx.hidden.device, width)
             return Selection(keep=[torch.arange(n, device=ctx.hidden.device) for n in ctx.n_visual])
         if self.per_budget and len(set(ctx.keep)) > 1:
             raise MethodError(f"{self.name}: the shipped per-budget checkpoints need one K per batch, got {ctx.keep}")

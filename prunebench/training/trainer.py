@@ -272,7 +272,7 @@ def _match_columns(names: list[str], overrides: dict[str, str], source: str) -> 
 
 def open_dataset(spec: str, split: str = "train", columns: dict[str, str] | None = None,
                  caption_prompt: str = CAPTION_PROMPT) -> Dataset:
-    """``synthetic[:N]``, a ``.jsonl``/``.parquet`` file, or a Hugging Face dataset id (local cache only)."""
+    """``synthetic[:N]``, a ``.jsonl``/``.parquet`` file, or a Hugging Face dataset id (downloaded on demand)."""
     columns = columns or {}
     if spec == "synthetic" or spec.startswith("synthetic:"):
         _, _, size = spec.partition(":")
@@ -313,18 +313,14 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _hub_dataset(repo_id: str, split: str):
-    """A dataset from the local Hugging Face cache; never downloads (fails fast offline)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    """A Hugging Face dataset, downloaded on demand when the hub is reachable, else from the local
+    cache (failing at once, with what to run on a connected machine, when it is not there)."""
+    from prunebench.models.hub import HubUnavailableError, snapshot
 
     try:
-        local = snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
-    except (LocalEntryNotFoundError, HFValidationError, OSError) as err:
-        raise DataError(
-            f"--data {repo_id!r}: not a .jsonl/.parquet file and not a dataset in the local Hugging Face cache "
-            f"({err.__class__.__name__}). prunebench reads local files only: download it first "
-            f"(`hf download --repo-type dataset {repo_id}`), or use --data synthetic for a smoke run."
-        ) from None
+        local = snapshot(repo_id, repo_type="dataset")
+    except HubUnavailableError as err:
+        raise DataError(f"--data {repo_id!r}: not a .jsonl/.parquet file, and {err} (--data synthetic runs a smoke test)") from None
     import datasets
 
     try:
@@ -515,7 +511,7 @@ def _loop(cfg: TrainConfig, accelerator, wrapped, optimizer, adapter: LlavaAdapt
 
 def _load_frozen(cfg: TrainConfig, device: torch.device):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    return load_model(cfg.model, device=str(device), dtype=dtype)  # a model not in the local cache: UserError
+    return load_model(cfg.model, device=str(device), dtype=dtype)  # a model neither cached nor downloadable: UserError
 
 
 @contextmanager

@@ -76,7 +76,9 @@ def reference(model_name: str, pope: Path, contexts: dict[str, str]) -> tuple[li
     return counts, answers
 
 
-@pytest.mark.parametrize("model_name,budget", [("random:tiny-qwen2-vl", "25%"), ("random:tiny-llava-next", "20")])
+@pytest.mark.parametrize("model_name,budget", [("random:tiny-qwen2-vl", "25%"), ("random:tiny-llava-next", "20"),
+                                               ("random:tiny-qwen3-vl", "25%"), ("random:tiny-smolvlm", "25%"),
+                                               ("random:tiny-llava-onevision", "25%")])
 def test_run_accounts_visual_tokens_per_sample_and_keep_all_is_generate(tmp_path, pope_file, contexts, model_name, budget):
     assert main(run_args(tmp_path, pope_file, model_name, budget)) == 0
     store = ResultStore(tmp_path)
@@ -120,7 +122,8 @@ def test_budgets_no_image_can_meet_fail_before_any_work(tmp_path, pope_file, cap
     assert not list(tmp_path.glob("*/*/*.json"))
 
 
-@pytest.mark.parametrize("model_name", ["random:tiny-qwen2-vl", "random:tiny-llava-next"])
+@pytest.mark.parametrize("model_name", ["random:tiny-qwen2-vl", "random:tiny-llava-next", "random:tiny-qwen3-vl",
+                                        "random:tiny-smolvlm"])
 def test_loglikelihood_keep_all_is_the_models_own_log_probability(model_name):
     """lmms-eval's loglikelihood path with the backbone's image inputs: unpruned, the summed
     log-probability of the continuation equals the model's own teacher-forced forward pass."""
@@ -144,3 +147,58 @@ def test_loglikelihood_keep_all_is_the_models_own_log_probability(model_name):
     assert total == pytest.approx(expected, abs=1e-4)
     n = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert lm.stats[("t", 0)].visual_tokens == [n] * 4
+
+
+def test_a_method_the_backbone_cannot_serve_is_refused_before_any_work_when_listed(tmp_path, pope_file, capsys):
+    """VisionZip needs the vision tower's CLS attention, which SmolVLM's tower does not have."""
+    assert main(run_args(tmp_path, pope_file, "random:tiny-smolvlm", "25%", methods="none,visionzip")) == 2
+    err = capsys.readouterr().err
+    assert "method 'visionzip' cannot run on random:tiny-smolvlm" in err and "no CLS token" in err
+    assert not list(tmp_path.glob("*/*/*.json"))
+
+
+def test_default_methods_leave_out_those_the_backbone_cannot_serve():
+    """From the default list such a method is left out, saying why; the rest are kept in order."""
+    from prunebench.engine.method import create_method
+    from prunebench.run.servable import servable_methods
+
+    model, processor = load_model("random:tiny-smolvlm")
+    engine = PruningEngine(model, processor.tokenizer)
+    methods = [create_method(spec) for spec in ("none", "random", "visionzip", "fastv", "divprune:space=vision")]
+    notes = []
+    kept = servable_methods(methods, engine, processor, "random:tiny-smolvlm", listed=False, note=notes.append)
+    assert [m.spec() for m in kept] == ["none", "random", "fastv", "divprune:space=vision"]
+    assert len(notes) == 1 and notes[0].startswith("skipped visionzip") and "no CLS token" in notes[0]
+
+
+def test_pool_resize_runs_the_model_on_the_shrunk_image(tmp_path, pope_file, contexts):
+    """pool:mode=resize through `prunebench run` on the tiny Qwen2-VL: each image is shrunk to at most
+    half its visual tokens before the processor; the record counts the tokens of the shrunk image per
+    layer and the original image's as `original`, and each answer is the model's own greedy answer on
+    the shrunk image."""
+    import datasets
+
+    from prunebench.engine.method import create_method
+    from prunebench.run.lmms_bridge import visual_tokens_at
+
+    assert main(run_args(tmp_path, pope_file, "random:tiny-qwen2-vl", "50%", methods="none,pool:mode=resize")) == 0
+    store = ResultStore(tmp_path)
+    rec = next(r for r in store.records() if r.key.method == "pool:mode=resize")
+    model, processor = load_model("random:tiny-qwen2-vl")
+    bridge = PrunedVLM(PruningEngine(model, processor.tokenizer), processor, None, Budget.all())
+    tokens_at, method = visual_tokens_at(processor), create_method("pool:mode=resize")
+    originals, shrunk, answers = [], [], []
+    for doc in datasets.Dataset.from_parquet(str(pope_file)):
+        image = doc["image"].convert("RGB")
+        small = method.resize_image(image, Budget.parse("50%"), tokens_at)
+        inputs = processor(images=[small], text=[bridge._prompt(contexts[doc["question"]])], return_tensors="pt")
+        originals.append(tokens_at(image.height, image.width))
+        shrunk.append(int((inputs["input_ids"] == model.config.image_token_id).sum()))
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    assert all(s <= Budget.parse("50%").resolve(n) for s, n in zip(shrunk, originals))
+    samples = store.samples(rec.key)
+    assert [s["visual_tokens"] for s in samples] == [[n] * 4 for n in shrunk]
+    assert rec.visual_tokens["original"] == pytest.approx(mean(originals))
+    assert [s["output"] for s in samples] == answers

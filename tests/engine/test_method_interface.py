@@ -101,6 +101,33 @@ def test_a_method_keeping_the_wrong_count_is_caught(engine, batch):
         run(engine, batch, create_method("test-greedy"), budget=64)
 
 
+def test_a_stage_may_keep_no_token_only_if_it_builds_some(engine, batch):
+    """Keep 0 is a schedule for methods that replace every token (pool); keeping and building
+    nothing would leave the LLM without the image."""
+    import torch
+
+    from prunebench.engine.method import PRE_LLM, Selection, Stage
+
+    @register_method
+    @dataclasses.dataclass(kw_only=True)
+    class Nothing(Method):
+        name: ClassVar[str] = "test-nothing"
+        stage: ClassVar[str] = "pre"
+        build: int = 0
+
+        def schedule(self, n_visual, budget, num_layers):
+            return [Stage(PRE_LLM, 0)]
+
+        def select(self, ctx):
+            built = ctx.visual_hidden()[:, : self.build] if self.build else None
+            return Selection(keep=torch.empty(ctx.batch_size, 0, dtype=torch.long), merged=built)
+
+    with pytest.raises(MethodError, match="left a sample with no visual token"):
+        run(engine, batch, create_method("test-nothing"), budget=64)
+    gen = run(engine, batch, create_method("test-nothing:build=3"), budget=64, max_new_tokens=1)
+    assert gen.visual_tokens.tolist() == [[3] * engine.adapter.num_layers] * 3 and gen.kept_patches == [[], [], []]
+
+
 def test_register_requires_a_dataclass_with_a_name():
     class NotADataclass(Method):
         name: ClassVar[str] = "x"

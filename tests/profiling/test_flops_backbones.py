@@ -1,6 +1,6 @@
-"""Visual tokens and vision FLOPs of LLaVA-NeXT (anyres) and Qwen2-VL / Qwen2.5-VL (dynamic
-resolution, windowed ViT): against the processors, torch's FLOP counter, hand counts of the 7B
-presets, and `prunebench profile` end to end on the tiny models."""
+"""Visual tokens and vision FLOPs of the dynamic-resolution backbones (LLaVA-NeXT and OneVision
+anyres, Qwen2/2.5/3-VL, InternVL tiles, SmolVLM tiles): against the processors, torch's FLOP
+counter, hand counts of the 7-8B presets, and `prunebench profile` end to end on the tiny models."""
 
 from __future__ import annotations
 
@@ -42,11 +42,13 @@ from prunebench.results import ResultStore
 
 CPU = torch.device("cpu")
 PEAKS = profiler.DevicePeaks(flops_per_s=1e11, bytes_per_s=1e10)
-# (height, width) px: wide, tall, square, extreme; on Qwen2.5-VL's tiny 2x2-token windows several are cut at the edges
-SIZES = [(56, 100), (112, 60), (80, 80), (300, 40), (252, 168)]
+# (height, width) px: wide, tall, square, extreme; on Qwen2.5-VL's tiny 2x2-token windows several are cut at the edges;
+# 170x160 gives the tiny LLaVA-OneVision a 3x3 crop grid whose 12x12 tokens are interpolated to 8x8 (anyres_max_4)
+SIZES = [(56, 100), (112, 60), (80, 80), (300, 40), (252, 168), (170, 160)]
 
 
-@pytest.fixture(scope="module", params=["llava-next", "qwen2-vl", "qwen2.5-vl"])
+@pytest.fixture(scope="module", params=["llava-next", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl3", "internvl3.5",
+                                        "llava-onevision", "smolvlm", "smolvlm2"])
 def eager_backbone(request):
     """Eager attention: its matmuls are visible to FlopCounterMode (CPU SDPA is not)."""
     return build_backbone(request.param, attn_implementation="eager")
@@ -175,8 +177,94 @@ def test_7b_decoder_costs_at_their_visual_tokens():
     assert kv_cache_bytes(llava_next, [[n] * 32], 2) == 2 * 32 * 4096 * n * 2
 
 
+# -- the 7-8B presets of the newer families, and SmolVLM's real geometry ---------------------------
+def test_qwen3_vl_8b_tokens_follow_its_processor_and_vision_flops_by_hand():
+    """Qwen3-VL-8B: one token per 32x32 px. 448x448 px: P = 784 patches of 16 px, d = 1152, MLP 4304,
+    27 blocks; the merger and the 3 DeepStack mergers (4d -> 4d -> 4096) on the 196 tokens."""
+    config = preset_config("qwen3-vl-8b")
+    tokenizer = build_tokenizer(special=("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"))
+    processor = QwenVLInputs(Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2), tokenizer)
+    for height, width in [(448, 448), (480, 640), (224, 896)]:
+        inputs = processor(images=[make_image(height, width, 2)], text=[QWEN_PROMPT_TEMPLATE.format(question="what")])
+        assert image_tokens(config, height, width) == int((inputs["input_ids"] == processor.image_token_id).sum())
+    assert image_tokens(config, 448, 448) == 14 * 14
+    p, d, wide = 784, 1152, 4 * 1152
+    macs = p * 1536 * d + 27 * (4 * p * d * d + 2 * p * p * d + 2 * p * d * 4304) + 4 * 196 * (wide * wide + wide * 4096)
+    assert vision_flops(config, 1, 448, 448) == 2 * macs
+
+
+def test_internvl3_8b_tokens_follow_its_processor_and_vision_flops_by_hand():
+    """InternVL3-8B: 448 px tiles of 256 tokens on the grid of 1..12 tiles closest to the image's
+    aspect ratio, + a thumbnail when there are several. 448x896 px: 2 tiles + thumbnail, each
+    InternViT-300M over 1 + 1024 tokens, the projector (4096 -> 3584 -> 3584) on 256."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+
+    from prunebench.models.families import image_only
+
+    config = preset_config("internvl3-8b")
+    tokenizer = build_tokenizer({"start_image_token": "<img>", "end_image_token": "</img>",
+                                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    images = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=12)
+    processor = image_only(InternVLProcessor)(images, tokenizer, image_seq_length=256)
+    for height, width in [(448, 448), (448, 896), (480, 640), (1000, 200), (1080, 1920)]:
+        inputs = processor(images=[make_image(height, width, 3)], text=["USER: <IMG_CONTEXT>\nwhat ASSISTANT:"], return_tensors="pt")
+        assert image_tokens(config, height, width) == int((inputs["input_ids"] == tokenizer.context_image_token_id).sum())
+    assert image_tokens(config, 448, 896) == 3 * 256 and max_image_tokens(config, images) == 13 * 256
+    seq, d = 1025, 1024
+    tile = 1024 * 3 * 14 * 14 * d + 24 * (4 * seq * d * d + 2 * seq * seq * d + 2 * seq * d * 4096) + 256 * (4096 * 3584 + 3584 * 3584)
+    assert vision_flops(config, 1, 448, 896) == 2 * 3 * tile
+
+
+def test_llava_onevision_7b_tokens_follow_its_processor_and_vision_flops_by_hand():
+    """LLaVA-OneVision-7B: 729 base tokens + the unpadded crop grid + a newline per row; a grid of
+    more than 1.1^2 x 9 crops' worth is interpolated down (2304x2304 px: 162x162 -> 81x81)."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from prunebench.models.families import image_only
+
+    config = preset_config("llava-onevision-7b")
+    images = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384}, image_grid_pinpoints=config.image_grid_pinpoints)
+    processor = image_only(LlavaOnevisionProcessor)(images, build_tokenizer(), num_image_tokens=729,
+                                                     vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+    for height, width in [(384, 768), (480, 640), (1000, 200), (2304, 2304)]:
+        inputs = processor(images=[make_image(height, width, 4)], text=["USER: <image>\nwhat ASSISTANT:"], return_tensors="pt")
+        assert image_tokens(config, height, width) == int((inputs["input_ids"] == processor.tokenizer.image_token_id).sum())
+    assert image_tokens(config, 384, 768) == 729 + 27 * 54 + 27
+    assert image_tokens(config, 2304, 2304) == 729 + 81 * 81 + 81
+    d, m, big = 1152, 4304, 3584
+    crop = 729 * 588 * d + 26 * (4 * 729 * d * d + 2 * 729 * 729 * d + 2 * 729 * d * m) + 729 * (d * big + big * big)
+    assert vision_flops(config, 1, 384, 768) == 2 * 3 * crop  # base + 1x2 crops
+
+
+def test_smolvlm_256m_geometry_tokens_follow_its_processor():
+    """SmolVLM-256M's image geometry (512 px tiles, patch 16, pixel shuffle 4: 64 tokens a tile;
+    longest edge 2048 px) with the decoder made small: the FLOPs model counts its tiles as
+    Idefics3's processor cuts them."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    config = Idefics3Config(vision_config={"image_size": 512, "patch_size": 16, "hidden_size": 768},
+                            text_config={"model_type": "llama", "hidden_size": 64}, scale_factor=4)
+    markers = tuple(f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5))
+    tokenizer = build_tokenizer(special=("<fake_token_around_image>", "<global-img>", *markers))
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512})
+    processor = Idefics3Processor(images, tokenizer, image_seq_len=64)
+    for height, width in [(512, 512), (480, 640), (1000, 200), (300, 301)]:
+        inputs = processor(images=[make_image(height, width, 5)], text=["USER: <image>\nwhat ASSISTANT:"], return_tensors="pt")
+        assert image_tokens(config, height, width) == int((inputs["input_ids"] == tokenizer.image_token_id).sum())
+    assert image_tokens(config, 480, 640) == (3 * 4 + 1) * 64 and max_image_tokens(config, images) == 17 * 64
+
+
 # -- the profiler ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,size", [("llava-next-7b", (336, 672)), ("qwen2-vl-7b", (448, 448)), ("qwen2.5-vl-7b", (448, 448))])
+@pytest.mark.parametrize("name,size", [("llava-next-7b", (336, 672)), ("qwen2-vl-7b", (448, 448)), ("qwen2.5-vl-7b", (448, 448)),
+                                       ("qwen3-vl-8b", (448, 448)), ("internvl3-8b", (448, 896)),
+                                       ("llava-onevision-7b", (384, 768))])
 def test_preset_profile_path_on_a_narrowed_copy(monkeypatch, name, size):
     """What `prunebench profile --model <preset> --random-weights` runs on a GPU (shipped config ->
     random weights on the device -> synthetic anyres / dynamic-resolution batch), on a copy narrowed
@@ -187,9 +275,13 @@ def test_preset_profile_path_on_a_narrowed_copy(monkeypatch, name, size):
         config = real(preset)
         config.text_config.update({"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256,
                                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32})
-        if config.model_type == "llava_next":
+        if config.model_type in ("llava_next", "llava_onevision", "internvl"):
             config.vision_config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                                          "num_attention_heads": 2})
+        elif config.model_type == "qwen3_vl":
+            config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": [8, 4, 4]}
+            config.vision_config.update({"depth": 3, "num_heads": 2, "hidden_size": 32, "intermediate_size": 64,
+                                         "out_hidden_size": 128, "deepstack_visual_indexes": [0, 1]})
         else:
             config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": [4, 6, 6]}
             wide = {"depth": 2, "num_heads": 2, "hidden_size": 32} | (
@@ -206,7 +298,8 @@ def test_preset_profile_path_on_a_narrowed_copy(monkeypatch, name, size):
     inputs = profiler.synthetic_batch(model.config, 1, 8, CPU, model.dtype, image_size=size)
     cells = [(create_method("random"), Budget.parse(64))]
     (record,) = profiler.profile_cells(engine, inputs, cells, settings, PEAKS, model_name)
-    n = {"llava-next-7b": 1752, "qwen2-vl-7b": 256, "qwen2.5-vl-7b": 256}[name]
+    n = {"llava-next-7b": 1752, "qwen2-vl-7b": 256, "qwen2.5-vl-7b": 256, "qwen3-vl-8b": 196,
+         "internvl3-8b": 3 * 256, "llava-onevision-7b": 729 + 27 * 54 + 27}[name]
     assert record.visual_tokens["original"] == n == image_tokens(real(name), *size)
     assert record.timing["tflops_vision"] == pytest.approx(vision_flops(model.config, 1, *size) / 1e12)
     g = DecoderGeometry.from_config(model.config)
@@ -214,7 +307,9 @@ def test_preset_profile_path_on_a_narrowed_copy(monkeypatch, name, size):
     assert record.provenance["image_size"] == "x".join(map(str, size)) and f"image={size[0]}x{size[1]}" in record.key.setting
 
 
-@pytest.mark.parametrize("model", ["random:tiny-llava-next", "random:tiny-qwen2-vl", "random:tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("model", ["random:tiny-llava-next", "random:tiny-qwen2-vl", "random:tiny-qwen2.5-vl",
+                                   "random:tiny-qwen3-vl", "random:tiny-internvl3.5", "random:tiny-llava-onevision",
+                                   "random:tiny-smolvlm"])
 def test_profile_cli_end_to_end_on_tiny_backbones(tmp_path, monkeypatch, capsys, model):
     real = profiler.measure_peaks
     monkeypatch.setattr(profiler, "measure_peaks", lambda device, dtype: real(device, dtype, 128, 1 << 20, 2))

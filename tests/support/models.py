@@ -81,7 +81,25 @@ class Backbone:
         return self.inputs([index])
 
 
+# the newer families: builder, prompt template, (height, width) px of three images giving three
+# different visual-token counts
+FAMILIES = {
+    "internvl3": ("build_tiny_internvl", {"version": "3"}, "INTERNVL_PROMPT_TEMPLATE", ((40, 40), (56, 100), (80, 80))),
+    "internvl3.5": ("build_tiny_internvl", {"version": "3.5"}, "INTERNVL_PROMPT_TEMPLATE", ((40, 40), (56, 100), (80, 80))),
+    "llava-onevision": ("build_tiny_llava_onevision", {}, "ONEVISION_PROMPT_TEMPLATE", ((56, 100), (112, 60), (170, 160))),
+    "qwen3-vl": ("build_tiny_qwen3_vl", {}, "QWEN3_PROMPT_TEMPLATE", ((112, 84), (140, 112), (96, 160))),
+    "smolvlm": ("build_tiny_smolvlm", {"version": "1"}, "SMOLVLM_PROMPT_TEMPLATE", ((56, 100), (40, 100), (80, 80))),
+    "smolvlm2": ("build_tiny_smolvlm", {"version": "2"}, "SMOLVLM_PROMPT_TEMPLATE", ((56, 100), (40, 100), (80, 80))),
+}
+
+
 def build_backbone(name: str, attn_implementation: str = "sdpa") -> Backbone:
+    if name in FAMILIES:
+        from prunebench.models import families
+
+        builder, kwargs, template, sizes = FAMILIES[name]
+        model, processor = getattr(families, builder)(attn_implementation=attn_implementation, **kwargs)
+        return Backbone(name, model, processor, getattr(families, template), sizes)
     from prunebench.models.backbones import (
         NEXT_PROMPT_TEMPLATE,
         QWEN_PROMPT_TEMPLATE,

@@ -46,44 +46,68 @@ def assert_keep_all_is_generate(model, engine, batch, method) -> None:
     assert gen.visual_tokens.tolist() == [[576] * engine.adapter.num_layers] * batch["input_ids"].shape[0]
 
 
-def prompt_of(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """One prompt's LLM input embeddings ``(S, D)`` and position ids ``(P, S)`` (P = 3 under
-    Qwen2-VL's M-RoPE), from the model's own image features and rope index."""
+def decoder_of(model):
+    """The decoder a VLM keeps its layers in (SmolVLM: ``text_model``)."""
+    inner = model.model
+    return inner.text_model if hasattr(inner, "text_model") else inner.language_model
+
+
+def prompt_of(model, inputs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One prompt's LLM input embeddings ``(S, D)``, position ids ``(P, S)`` (P = 3 under M-RoPE)
+    and Qwen3-VL's DeepStack rows (per injected layer ``(n_visual, D)``; none elsewhere), from the
+    model's own image features and rope index."""
     inner = model.model
     ids = inputs["input_ids"][0]
     kind = type(model).__name__
-    if kind == "LlavaForConditionalGeneration":
+    positions = torch.arange(len(ids))[None]
+    deepstack = []
+    if kind == "InternVLForConditionalGeneration":
+        feats = inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output.flatten(0, 1)
+    elif kind == "LlavaOnevisionForConditionalGeneration":
+        feats = torch.cat(list(inner.get_image_features(pixel_values=inputs["pixel_values"],
+                                                        image_sizes=inputs["image_sizes"]).pooler_output))
+    elif kind in ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"):
+        feats = torch.cat(list(inner.get_image_features(inputs["pixel_values"], inputs["pixel_attention_mask"]).pooler_output))
+    elif kind == "Qwen3VLForConditionalGeneration":
+        out = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        feats = torch.cat(list(out.pooler_output))
+        deepstack = [torch.cat(list(level)) for level in out.deepstack_features]
+        positions = inner.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])[0][:, 0]
+    elif kind == "LlavaForConditionalGeneration":
         feats = inner.get_image_features(pixel_values=inputs["pixel_values"], vision_feature_layer=-2,
                                          vision_feature_select_strategy="default").pooler_output[0]
-        positions = torch.arange(len(ids))[None]
     elif kind == "LlavaNextForConditionalGeneration":
         feats = torch.cat(list(inner.get_image_features(
             pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], vision_feature_layer=-2,
             vision_feature_select_strategy="default").pooler_output))
-        positions = torch.arange(len(ids))[None]
     else:  # Qwen2-VL family
         feats = torch.cat(list(inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output))
         positions = inner.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])[0][:, 0]
-    prompt = inner.language_model.embed_tokens(ids)
+    prompt = decoder_of(model).embed_tokens(ids)
     prompt[ids == model.config.image_token_id] = feats
-    return prompt, positions
+    return prompt, positions, deepstack
 
 
-def slow_reference(model, inputs, stages, policy, steps=STEPS):
+def slow_reference(model, inputs, stages, policy, steps=STEPS, deepstack: bool = True):
     """Greedy decoding with no KV cache, one prompt: every step re-runs the whole sequence,
     dropping visual tokens before the stage layers. ``stages``: [(layer or -1, kept indices into
     the visual tokens still present)]. Generated tokens continue from the prompt's largest
     position id + 1. "reindex": contiguous ids; under M-RoPE each run of text continues from the
-    token before it and kept image tokens keep their offsets from the image's start id."""
-    lm = model.model.language_model
+    token before it and kept image tokens keep their offsets from the image's start id.
+    Qwen3-VL: after decoder layer i < 3, each visual token still present gets DeepStack level i's
+    row of its original visual index added, token by token (``deepstack=False`` leaves it out)."""
+    lm = decoder_of(model)
     ids = inputs["input_ids"][0]
-    prompt, prompt_positions = prompt_of(model, inputs)
+    prompt, prompt_positions, levels = prompt_of(model, inputs)
+    levels = levels if deepstack else []
     is_visual = ids == model.config.image_token_id
     generated, all_logits = [], []
     for _ in range(steps):
         extra = lm.embed_tokens(torch.tensor(generated, dtype=torch.long))
         hidden = torch.cat([prompt, extra])[None]
         visual = torch.cat([is_visual, torch.zeros(len(generated), dtype=torch.bool)])
+        patch = torch.full(visual.shape, -1)
+        patch[visual] = torch.arange(int(visual.sum()))
         after = prompt_positions.max() + 1 + torch.arange(len(generated))
         positions = torch.cat([prompt_positions, after.expand(len(prompt_positions), -1)], dim=1)
         todo = list(stages)
@@ -93,13 +117,18 @@ def slow_reference(model, inputs, stages, policy, steps=STEPS):
                 slots = visual.nonzero().flatten()
                 keep = ~visual
                 keep[slots[kept]] = True
-                hidden, visual, positions = hidden[:, keep], visual[keep], positions[:, keep]
+                hidden, visual, patch, positions = hidden[:, keep], visual[keep], patch[keep], positions[:, keep]
                 if policy == "reindex":
                     positions = reindexed(positions, visual)
             if layer_index < 0:
                 continue
             rotary = lm.rotary_emb(hidden, positions[:, None] if len(positions) == 3 else positions)
             hidden = lm.layers[layer_index](hidden, attention_mask=None, position_embeddings=rotary)
+            if layer_index < len(levels):
+                hidden = hidden.clone()
+                for slot in range(hidden.shape[1]):
+                    if patch[slot] >= 0:
+                        hidden[0, slot] = hidden[0, slot] + levels[layer_index][patch[slot]]
         logits = model.lm_head(lm.norm(hidden[:, -1]))[0]
         all_logits.append(logits)
         generated.append(int(logits.argmax()))
@@ -248,13 +277,43 @@ def assert_batch_equals_each_alone(engine, processor, batch, method: str | Metho
 
 # -- every method on every backbone ----------------------------------------------------------------
 NO_FEATURES = "vision features are not available on this backbone"
+ENGINE_CANNOT_RESIZE = "the engine alone cannot resize"  # pool:mode=resize acts before the processor (prunebench run)
 NEXT_REFUSES = {  # LLaVA-NeXT: newline tokens have no vision feature; CLIP runs per crop
     "divprune:space=vision": NO_FEATURES,
     "visionzip": "not available on this backbone: LLaVA-NeXT",
+    "vispruner": "not available on this backbone: LLaVA-NeXT",
     "autoselect": NO_FEATURES,
     "gumbel": NO_FEATURES,
+    "pool": "no single 2-D grid on this backbone: LLaVA-NeXT",
+    "pool:mode=resize": ENGINE_CANNOT_RESIZE,
 }
-QWEN_REFUSES = {"visionzip": "no CLS token"}  # Qwen2-VL's vision tower has no CLS token
+QWEN_REFUSES = {  # Qwen2-VL's vision tower has no CLS token; built tokens carry no M-RoPE ids
+    "visionzip": "no CLS token",
+    "vispruner": "no CLS token",
+    "pool": "use pool:mode=resize",
+    "pool:mode=resize": ENGINE_CANNOT_RESIZE,
+}
+NO_GRID = "no single 2-D grid on this backbone"
+ONEVISION_REFUSES = {  # as NeXT: newline tokens and interpolated grid tokens have no vision feature
+    "divprune:space=vision": NO_FEATURES,
+    "visionzip": "not available on this backbone: LLaVA-OneVision",
+    "vispruner": "not available on this backbone: LLaVA-OneVision",
+    "autoselect": NO_FEATURES,
+    "gumbel": NO_FEATURES,
+    "pool": NO_GRID,
+    "pool:mode=resize": ENGINE_CANNOT_RESIZE,
+}
+TILED_REFUSES = {"pool": NO_GRID, "pool:mode=resize": ENGINE_CANNOT_RESIZE}  # tiles: one grid per tile, not per image
+REFUSES = {
+    "llava-next": NEXT_REFUSES,
+    "llava-onevision": ONEVISION_REFUSES,
+    "internvl3": {"visionzip": "InternVL's vision tower runs per tile", "vispruner": "InternVL's vision tower runs per tile",
+                  **TILED_REFUSES},  # a token is a 2x2 block of patches
+    "internvl3.5": {"visionzip": "InternVL's vision tower runs per tile",
+                    "vispruner": "InternVL's vision tower runs per tile", **TILED_REFUSES},
+    "smolvlm": {"visionzip": "no CLS token", "vispruner": "no CLS token", **TILED_REFUSES},
+    "smolvlm2": {"visionzip": "no CLS token", "vispruner": "no CLS token", **TILED_REFUSES},
+}
 MIXED_BATCH_REFUSES = {"sparsevlm": "recycling needs the same schedule"}  # v1.5 recycles per batch
 
 
@@ -271,11 +330,12 @@ def assert_every_method_runs_or_refuses(backbone, tmp_path, vision_width: int) -
     for kind in ("autoselect", "gumbel"):
         save_selector(tmp_path / kind, build_selector(kind, vision_width=vision_width, **({"n_tokens": 16} if kind == "gumbel" else {})))
     specs = ["none", "random", "divprune", "divprune:space=vision", "fastv", "pyramiddrop:layers=1/2/3", "dart",
-             "sparsevlm:layers=0/1/2", "sparsevlm:layers=0/1/2,version=2.0,heads=2", "visionzip",
+             "sparsevlm:layers=0/1/2", "sparsevlm:layers=0/1/2,version=2.0,heads=2", "visionzip", "vispruner",
+             "cdpruner:text=llm", "pool", "pool:mode=resize",
              f"autoselect:ckpt={tmp_path / 'autoselect'}", f"gumbel:ckpt={tmp_path / 'gumbel'}"]
     registered = {name for name in available_methods() if not name.startswith("test-")}
     assert registered <= {spec.partition(":")[0] for spec in specs}, "a registered method has no backbone check"
-    refuses = NEXT_REFUSES if backbone.name == "llava-next" else QWEN_REFUSES
+    refuses = REFUSES.get(backbone.name, QWEN_REFUSES)
     n = (backbone.batch["input_ids"] == backbone.model.config.image_token_id).sum(-1)
     for spec in specs:
         reason = refuses.get(spec.partition(":ckpt")[0])

@@ -349,6 +349,85 @@ def write_example_store(root: Path) -> ResultStore:
     return store
 
 
+# -- parity store: LLaVA-1.5-7B cells whose paper-scale scores the reference tests compute by hand --
+PARITY_MODEL = "llava-hf/llava-1.5-7b-hf"
+PARITY_OPTIONS = {  # every option with its default, as the harness records them
+    "none": {"positions": "reindex"},
+    "fastv": {"layer": 2, "ratio": None, "positions": "original"},
+    "sparsevlm": {"layers": [2, 6, 15], "version": "1.5", "recycle": None, "recycle_top": 0.3, "cluster_every": 10,
+                  "heads": 14, "published": True, "positions": None},
+    "pyramiddrop": {"layers": [8, 16, 24], "ratios": None, "positions": "reindex"},
+    "random": {"seed": 0, "positions": "reindex"},
+}
+# POPE: per split, (targets, outputs); F1 by hand in the comments
+PARITY_POPE = {
+    ("none", "all"): {
+        "adversarial": (["yes", "yes", "no", "no"], ["yes", "no", "no", "no"]),  # tp 1 fn 1: P 1, R 1/2, F1 2/3
+        "popular": (["yes", "yes", "no", "no"], ["yes", "yes", "no", "no"]),  # F1 1
+        "random": (["yes", "yes", "no", "no"], ["yes", "yes", "yes", "no"]),  # tp 2 fp 1: P 2/3, R 1, F1 4/5
+    },  # mean 0.8222 -> 82.2; overall F1 (what lmms-eval records): tp 5, fp 1, fn 1 -> 0.8333
+    ("fastv", "64"): {
+        "adversarial": (["yes", "yes", "no", "no"], ["no", "no", "no", "no"]),  # no "yes": F1 0
+        "popular": (["yes", "yes", "no", "no"], ["yes", "no", "no", "no"]),  # F1 2/3
+        "random": (["yes", "yes", "no", "no"], ["yes", "yes", "no", "no"]),  # F1 1
+    },  # mean 0.5556 -> 55.6
+}
+# MME: category -> per image (perception or cognition, [question right?, ...]); the unpruned run only
+PARITY_MME = {
+    "color": ("mme_perception_score", [[1, 1], [1, 1]]),  # 200
+    "count": ("mme_perception_score", [[1, 1], [1, 0]]),  # (200 + 50) / 2 = 125 -> perception 325
+    "code_reasoning": ("mme_cognition_score", [[1, 1], [1, 1]]),  # cognition 200 -> P + C = 525
+}
+# GQA: (samples, right)
+PARITY_GQA = {("none", "all"): (20, 12), ("fastv", "64"): (40, 36), ("sparsevlm", "192"): (20, 11),
+              ("sparsevlm:version=2.0", "192"): (20, 10), ("random", "64"): (20, 8)}
+
+
+def _parity_record(method: str, budget: str, task: str, metrics: dict, n: int) -> Record:
+    name = method.partition(":")[0]
+    options = dict(PARITY_OPTIONS[name])
+    if method == "sparsevlm:version=2.0":
+        options["version"] = "2.0"
+    if method.startswith("pyramiddrop:"):
+        options["ratios"] = [0.5, 0.25, 0.125]
+    tokens = {"nominal": None if budget == "all" else int(budget) if budget.isdigit() else None, "original": 576}
+    return Record(key=RecordKey(PARITY_MODEL, method, budget, task), metrics=metrics, primary_metric=next(iter(metrics)),
+                  n_samples=n, method_options=options, stage="none" if name == "none" else "llm",
+                  visual_tokens=tokens, provenance={"device": FIXTURE_DEVICE, "dtype": "float16"})
+
+
+def write_parity_store(root: Path) -> ResultStore:
+    store = ResultStore(root)
+    for (method, budget), (n, right) in PARITY_GQA.items():
+        samples = [{"doc_id": i, "output": "a", "target": "a" if i < right else "b",
+                    "scores": {"exact_match": float(i < right)}} for i in range(n)]
+        store.write(_parity_record(method, budget, "gqa", {"exact_match": right / n}, n), samples)
+    for (method, budget), splits in PARITY_POPE.items():
+        samples = []
+        for split, (targets, outputs) in splits.items():
+            for target, output in zip(targets, outputs):
+                samples.append({"doc_id": len(samples), "category": split, "output": output.capitalize(),
+                                "target": target, "scores": {"pope_accuracy": float(output == target)}})
+        pred = [s["output"].lower() == "yes" for s in samples]
+        gold = [s["target"] == "yes" for s in samples]
+        tp = sum(p and g for p, g in zip(pred, gold))
+        f1 = 2 * tp / (sum(pred) + sum(gold))
+        metrics = {"pope_f1_score": f1, "pope_accuracy": sum(p == g for p, g in zip(pred, gold)) / len(samples)}
+        store.write(_parity_record(method, budget, "pope", metrics, len(samples)), samples)
+    samples, totals = [], {"mme_perception_score": 0.0, "mme_cognition_score": 0.0}
+    for category, (metric, images) in PARITY_MME.items():
+        for image, questions in enumerate(images):
+            for ok in questions:
+                samples.append({"doc_id": len(samples), "category": category, "question_id": f"{category}/{image}.png",
+                                "output": "Yes" if ok else "No", "target": "Yes", "scores": {metric: float(ok)}})
+        totals[metric] += sum(50.0 * sum(q) + 100.0 * (sum(q) == 2) for q in images) / len(images)
+    store.write(_parity_record("none", "all", "mme", totals, len(samples)), samples)
+    pdrop = [dict(s) for s in samples if s["category"] != "count"]  # color 200 + cognition 200
+    store.write(_parity_record("pyramiddrop:ratios=0.5/0.25/0.125", "all", "mme",
+                               {"mme_perception_score": 200.0, "mme_cognition_score": 200.0}, len(pdrop)), pdrop)
+    return store
+
+
 if __name__ == "__main__":  # regenerate reports/example from the example fixture store
     import tempfile
 

@@ -158,7 +158,7 @@ def test_bad_data_gets_clear_errors(tmp_path):
 
 
 def test_hub_dataset_not_in_the_cache_fails_fast():
-    with pytest.raises(DataError, match="not a dataset in the local Hugging Face cache.*hf download --repo-type dataset"):
+    with pytest.raises(DataError, match="not in the local cache.*hf download --repo-type dataset"):
         open_dataset("prunebench-tests/no-such-dataset-anywhere")
 
 

@@ -2,16 +2,25 @@
 
 Each ``<name>.json`` here is the ``config.json`` of the checkpoint named in its
 ``_name_or_path``, transcribed with the decoder's widths written out (the hub files leave
-Llama's defaults implicit). Random weights give the real shapes and therefore the real
-timings; they give no meaningful answers.
+Llama's defaults implicit); where the checkpoint's own file was not at hand, ``_sources`` names
+the copies the geometry comes from, and anything they do not give is left to transformers'
+defaults (a value that does not change the shapes: rotary base, tied embeddings). Random
+weights give the real shapes and therefore the real timings; they give no meaningful answers.
 
-    llava-1.5-7b   llava-hf/llava-1.5-7b-hf           CLIP-L/336 (576 tokens) + Vicuna-7B
-    llava-next-7b  llava-hf/llava-v1.6-vicuna-7b-hf   anyres, up to 2928 tokens + Vicuna-7B
-    qwen2-vl-7b    Qwen/Qwen2-VL-7B-Instruct          dynamic resolution, M-RoPE, Qwen2-7B
-    qwen2.5-vl-7b  Qwen/Qwen2.5-VL-7B-Instruct        the same with a windowed vision tower
+    llava-1.5-7b        llava-hf/llava-1.5-7b-hf                 CLIP-L/336 (576 tokens) + Vicuna-7B
+    llava-next-7b       llava-hf/llava-v1.6-vicuna-7b-hf         anyres, up to 2928 tokens + Vicuna-7B
+    llava-onevision-7b  llava-hf/llava-onevision-qwen2-7b-ov-hf  SigLIP anyres_max_9 + Qwen2-7B
+    qwen2-vl-7b         Qwen/Qwen2-VL-7B-Instruct                dynamic resolution, M-RoPE, Qwen2-7B
+    qwen2.5-vl-7b       Qwen/Qwen2.5-VL-7B-Instruct              the same with a windowed vision tower
+    qwen3-vl-8b         Qwen/Qwen3-VL-8B-Instruct                interleaved M-RoPE, DeepStack, Qwen3-8B
+    internvl3-8b        OpenGVLab/InternVL3-8B-hf                InternViT-300M tiles (256 tokens each) + Qwen2.5-7B
 
-The engine and ``prunebench profile`` run all four (prunebench/engine/adapters.py; the profiler's
-synthetic anyres / dynamic-resolution inputs and the FLOPs model in prunebench/profiling/flops.py).
+InternVL3.5-8B and SmolVLM have no preset: the sources at hand give InternVL3.5-8B's decoder
+(Qwen3-8B) but not its vision tower's widths, and neither SmolVLM-256M's vocabulary nor the 2B's
+SigLIP widths and KV heads; ``prunebench profile`` runs their real checkpoints instead.
+
+The engine and ``prunebench profile`` run all of them (prunebench/engine/adapters.py; the
+profiler's synthetic inputs and the FLOPs model in prunebench/profiling/flops.py).
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def check_schedules(methods: list[Method], budgets: list[Budget], model: ModelFa
     if refused:
         i, budget = refused[0]
         raise BudgetError(context(methods[i], budget, failed[(i, budget)]))
-    return {(methods[i].spec(), str(budget)): f"{err} ({tokens}, {num_layers} decoder layers)"
+    return {(methods[i].spec(), str(budget)): f"{err} ({tokens}, {model.num_layers} decoder layers)"
             for (i, budget), err in failed.items()}
 
 

@@ -160,7 +160,7 @@ def check_schedules(methods: list[Method], budgets: list[Budget], model: ModelFa
     def context(method: Method, budget: Budget, err: Exception) -> str:
         return f"{method.spec()} at budget {budget} on {model.name} ({tokens}, {model.num_layers} decoder layers): {err}"
 
-    failed: dict[tuple[int, str], BudgetError] = {}
+    failed: dict[tuple[int, Budget], BudgetError] = {}
     for i, method in enumerate(methods):
         for budget in [*budgets, *([Budget.floor_control()] if floor and method.stage == "llm" else [])]:
             try:
@@ -171,15 +171,15 @@ def check_schedules(methods: list[Method], budgets: list[Budget], model: ModelFa
             except BudgetError as err:
                 if budget.floor:
                     raise BudgetError(context(method, budget, err)) from None
-                failed[(i, str(budget))] = BudgetError(context(method, budget, err))
+                failed[(i, budget)] = err
     pruning = [i for i, m in enumerate(methods) if m.stage != "none"]
-    for i in pruning:
-        if budgets and all((i, str(b)) in failed for b in budgets):
-            raise failed[(i, str(budgets[0]))]
-    for budget in budgets:
-        if pruning and all((i, str(budget)) in failed for i in pruning):
-            raise failed[(pruning[0], str(budget))]
-    return {(methods[i].spec(), budget): str(err) for (i, budget), err in failed.items()}
+    refused = [(i, budgets[0]) for i in pruning if budgets and all((i, b) in failed for b in budgets)]
+    refused += [(pruning[0], b) for b in budgets if pruning and all((i, b) in failed for i in pruning)]
+    if refused:
+        i, budget = refused[0]
+        raise BudgetError(context(methods[i], budget, failed[(i, budget)]))
+    return {(methods[i].spec(), str(budget)): f"{err} ({tokens}, {model.num_layers} decoder layers)"
+            for (i, budget), err in failed.items()}
 
 
 def check_prompts(data: TaskData, processor, model: ModelFacts, max_positions: int | None) -> None:

@@ -163,12 +163,7 @@ class LlavaAdapter(Adapter):
         self.vision_tower = inner.vision_tower
         self.projector = inner.multi_modal_projector
         config = model.config
-        if not isinstance(config.vision_feature_layer, int):
-            raise NotImplementedError(
-                "prunebench supports a single vision_feature_layer (as LLaVA-1.5 uses); "
-                f"this config has {config.vision_feature_layer!r}"
-            )
-        self.feature_layer = config.vision_feature_layer
+        self.feature_layer = single_feature_layer(config)
         self.select_strategy = config.vision_feature_select_strategy
 
     @property
@@ -257,10 +252,7 @@ class LlavaNextAdapter(Adapter):
         inner = model.model
         super().__init__(model, inner.language_model, model.config.image_token_id)
         config = model.config
-        if not isinstance(config.vision_feature_layer, int):
-            raise NotImplementedError(
-                f"prunebench supports a single vision_feature_layer; this config has {config.vision_feature_layer!r}"
-            )
+        single_feature_layer(config)
         self.inner = inner
         self.projector = inner.multi_modal_projector
 
@@ -403,10 +395,7 @@ class InternVLAdapter(Adapter):
         inner = model.model
         super().__init__(model, inner.language_model, model.config.image_token_id)
         config = model.config
-        if not isinstance(config.vision_feature_layer, int):
-            raise NotImplementedError(
-                f"prunebench supports a single vision_feature_layer; this config has {config.vision_feature_layer!r}"
-            )
+        single_feature_layer(config)
         self.inner = inner
         self.projector = inner.multi_modal_projector
         self.tokens_per_tile = config.image_seq_length
@@ -526,3 +515,13 @@ def adapter_for(model: nn.Module) -> Adapter:
 def clip_layers_run(config) -> int:
     """CLIP encoder layers a LLaVA config needs: those up to ``vision_feature_layer`` (-2: all but the last)."""
     return config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1)
+
+
+def single_feature_layer(config) -> int:
+    """The one vision layer a LLaVA-style config's projector reads; a list of layers is not supported."""
+    if not isinstance(config.vision_feature_layer, int):
+        raise NotImplementedError(
+            "prunebench supports a single vision_feature_layer (as LLaVA-1.5 uses); "
+            f"this config has {config.vision_feature_layer!r}"
+        )
+    return config.vision_feature_layer
